@@ -1,0 +1,70 @@
+"""Monotone layer alignment: which draft layer guides each target layer.
+
+A DTW-style dynamic program over the KL matrix. Walking down the target layers, the draft layer index may
+stay (*repeat*: two target layers read the same draft layer), advance by one (*diagonal*), or jump ahead
+(*skip*: draft layers in between guide nothing). The map minimising the summed ``KL[j, map[j]]`` over the sparse
+target layers is found in ``O(Lt * Ld)``; the first ``dense_layers`` target layers stay dense (``-1``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def align_layers(kl: torch.Tensor, dense_layers: int = 0) -> list[int]:
+    """Optimal non-decreasing map ``target layer -> draft layer``.
+
+    Parameters
+    ----------
+    kl : torch.Tensor
+        ``[n_target_layers, n_draft_layers]`` costs (``KL(target_j || draft_i)``), finite.
+    dense_layers : int
+        Leading target layers kept dense; they get ``-1`` and do not constrain the rest.
+
+    Returns
+    -------
+    list[int]
+        ``map[j]`` for every target layer. Among equal-cost maps, the one with the smallest indices wins.
+    """
+    if kl.ndim != 2 or kl.shape[0] == 0 or kl.shape[1] == 0:
+        raise ValueError(f"kl must be a non-empty [n_target, n_draft] matrix, got {tuple(kl.shape)}")
+    if not torch.isfinite(kl).all():
+        raise ValueError("kl has NaN or infinite entries; check the attention statistics")
+    n_t, n_d = kl.shape
+    if not 0 <= dense_layers <= n_t:
+        raise ValueError(f"dense_layers={dense_layers} must be in [0, {n_t}]")
+    cost = kl[dense_layers:].double()
+    n = cost.shape[0]
+    if n == 0:
+        return [-1] * n_t
+    # best[j, i]: least summed cost of layers dense_layers..dense_layers+j with layer j mapped to draft i.
+    best = torch.empty(n, n_d, dtype=torch.float64)
+    # came[j, i]: draft layer of target layer j-1 on that best path (argmin of best[j-1, :i+1]).
+    came = torch.zeros(n, n_d, dtype=torch.long)
+    best[0] = cost[0]
+    for j in range(1, n):
+        prefix_min, prefix_arg = _prefix_min(best[j - 1])  # any predecessor i' <= i: repeat, diagonal or skip
+        best[j] = cost[j] + prefix_min
+        came[j] = prefix_arg
+    i = int(torch.argmin(best[-1]))  # first index among ties
+    path = [i]
+    for j in range(n - 1, 0, -1):
+        i = int(came[j, i])
+        path.append(i)
+    return [-1] * dense_layers + path[::-1]
+
+
+def _prefix_min(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running minimum and the first index attaining it: ``([min(x[:i+1])], [argmin(x[:i+1])])``."""
+    vals, args = torch.empty_like(x), torch.empty(x.shape[0], dtype=torch.long)
+    cur, arg = float("inf"), 0
+    for i, v in enumerate(x.tolist()):
+        if v < cur:
+            cur, arg = v, i
+        vals[i], args[i] = cur, arg
+    return vals, args
+
+
+def map_cost(kl: torch.Tensor, layer_map: list[int]) -> float:
+    """Summed ``KL[j, map[j]]`` over the sparse (mapped) layers."""
+    return float(sum(kl[j, i].double() for j, i in enumerate(layer_map) if i >= 0))

@@ -1,0 +1,264 @@
+"""The ``calibrate`` flow: a draft/target pair and a text corpus in, a validated SpecAttn artifact out.
+
+load corpus -> collect attention (draft, target; calibration and holdout) -> KL matrix -> monotone alignment ->
+per-layer top-p -> holdout check -> atomic artifact write + ``latest`` -> Prefect markdown/table artifacts.
+
+Run it once: ``python -m pipelines.calibrate --preset quick`` (or any flow parameter as ``--name value``).
+As a deployment: see :mod:`pipelines.deployments` and the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+import specattn_runtime
+from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest
+
+from . import calibration_tasks as T
+from .presets import PAIRS
+
+
+def _check_params(chunk_size: int, recall_budget: float, global_p: float | None, window_tokens: int,
+                  num_windows: int, holdout_windows: int, queries_per_window: int, dense_layers: int) -> None:
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if not 0.0 < recall_budget <= 1.0:
+        raise ValueError(f"recall_budget must lie in (0, 1], got {recall_budget}")
+    if global_p is not None and not 0.0 < global_p <= 1.0:
+        raise ValueError(f"global_p must lie in (0, 1] (or be None for per-layer tuning), got {global_p}")
+    if window_tokens < 2 * chunk_size:
+        raise ValueError(f"window_tokens={window_tokens} must hold at least two chunks of {chunk_size}")
+    for name, v in (("num_windows", num_windows), ("holdout_windows", holdout_windows),
+                    ("queries_per_window", queries_per_window)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if dense_layers < 0:
+        raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
+
+
+def _writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and prove we can write there, before any expensive work."""
+    p = Path(path).expanduser().resolve()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"output directory {p} is not writable ({e.strerror}); pass another output_dir") from None
+    return p
+
+
+def _resolve_pair(preset: str | None, draft: str | None, target: str | None) -> tuple[str, str, str]:
+    if draft and target:
+        return draft, target, preset or f"{Path(draft).name}__{Path(target).name}"
+    if draft or target:
+        raise ValueError("pass both draft and target model paths, or neither (and a preset)")
+    if preset not in PAIRS:
+        raise ValueError(f"unknown preset {preset!r}; presets are {sorted(PAIRS)}, or pass draft= and target=")
+    d, t = PAIRS[preset].ensure()
+    return str(d), str(t), preset
+
+
+def _cached_file(task, *args):
+    """Run a task whose result names a work file; if a cached result points at a file since deleted, recompute."""
+    result = task(*args)
+    path = result["path"] if isinstance(result, dict) else result
+    if not Path(path).exists():
+        result = task.with_options(refresh_cache=True)(*args)
+    return result
+
+
+def _latest_fingerprint(pair_dir: Path) -> str | None:
+    latest = pair_dir / "latest.safetensors"
+    try:
+        return load_artifact(latest).metadata.get("input_fingerprint") if latest.exists() else None
+    except ValueError:
+        return None  # an unreadable latest never blocks a recalibration
+
+
+@flow(name="calibrate", log_prints=True)
+def calibrate(
+    preset: str | None = "quick",
+    draft: str | None = None,
+    target: str | None = None,
+    corpus: str | None = None,
+    window_tokens: int = 1024,
+    num_windows: int = 16,
+    holdout_windows: int = 4,
+    queries_per_window: int = 64,
+    chunk_size: int = 16,
+    dense_layers: int = 2,
+    recall_budget: float = 0.95,
+    global_p: float | None = None,
+    output_dir: str = "artifacts",
+    skip_if_unchanged: bool = False,
+) -> str:
+    """Calibrate a draft/target pair; return the path of the artifact written (or reused).
+
+    Parameters
+    ----------
+    preset : str, optional
+        Shipped pair (``quick``, ``qwen-coder``) used when ``draft``/``target`` are not given.
+    draft, target : str, optional
+        Local Hugging Face model directories (same tokenizer).
+    corpus : str, optional
+        ``.txt`` file or directory of them; default: the shipped Wikipedia articles.
+    window_tokens, num_windows, holdout_windows, queries_per_window : int
+        Calibration text: windows of ``window_tokens`` tokens; ``queries_per_window`` decode-like query rows each.
+    chunk_size : int
+        KV chunk (block) size in tokens.
+    dense_layers : int
+        Leading target layers that stay dense.
+    recall_budget : float
+        Per-layer objective: smallest p keeping this mean fraction of the target's attention mass.
+    global_p : float, optional
+        One p for every sparse layer (the paper's setting) instead of per-layer tuning.
+    output_dir : str
+        Artifacts go to ``<output_dir>/<pair>/<timestamp>-<hash>.safetensors``; ``latest.safetensors`` points at
+        the newest.
+    skip_if_unchanged : bool
+        Finish early, reusing ``latest``, when models, corpus and parameters are unchanged (scheduled runs).
+    """
+    log = get_run_logger()
+    _check_params(chunk_size, recall_budget, global_p, window_tokens, num_windows, holdout_windows,
+                  queries_per_window, dense_layers)
+    out_root = _writable_dir(output_dir)
+    work_dir = str(out_root / ".work")
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        return result
+
+    draft_dir, target_dir, pair = timed("prepare_models", _resolve_pair, preset, draft, target)
+    models = timed("prepare_models", T.prepare_models, draft_dir, target_dir)
+    n_t, n_d = models["target"]["n_layers"], models["draft"]["n_layers"]
+    if dense_layers > n_t:
+        raise ValueError(f"dense_layers={dense_layers} exceeds the target's {n_t} layers")
+    max_pos = json.loads((Path(target_dir) / "config.json").read_text()).get("max_position_embeddings")
+    if max_pos and window_tokens > max_pos:
+        raise ValueError(f"window_tokens={window_tokens} exceeds the target's context of {max_pos} tokens")
+
+    corpus_info = timed("load_corpus", _cached_file, T.load_corpus, corpus, target_dir, models["tokenizer_hash"], window_tokens,
+                        num_windows, holdout_windows, work_dir)
+    params = dict(window_tokens=window_tokens, num_windows=num_windows, holdout_windows=holdout_windows,
+                  queries_per_window=queries_per_window, chunk_size=chunk_size, dense_layers=dense_layers,
+                  recall_budget=recall_budget, global_p=global_p)
+    fingerprint = hashlib.sha256(json.dumps(
+        [models["draft"]["weights_hash"], models["target"]["weights_hash"], models["draft"]["config_hash"],
+         models["target"]["config_hash"], corpus_info["sha256"], params, SCHEMA_VERSION], sort_keys=True
+    ).encode()).hexdigest()
+    pair_dir = out_root / pair
+    if skip_if_unchanged and _latest_fingerprint(pair_dir) == fingerprint:
+        log.info("models, corpus and parameters unchanged since %s: nothing to do", pair_dir / "latest.safetensors")
+        return str((pair_dir / "latest.safetensors").resolve())
+
+    rows = {}
+    for split in ("calibration", "holdout"):
+        for role in ("draft", "target"):
+            rows[role, split] = timed("collect_attention", _cached_file, T.collect_attention, models[role],
+                                      corpus_info["path"], corpus_info["windows_sha256"], split,
+                                      queries_per_window, chunk_size, role, work_dir)
+    kl = timed("kl_matrix", T.compute_kl, rows["target", "calibration"], rows["draft", "calibration"])
+    aligned = timed("align_layers", T.align, kl, dense_layers)
+    layer_map = aligned["layer_map"]
+    tuned = timed("tune_top_p", T.tune_top_p, rows["target", "calibration"], rows["draft", "calibration"],
+                  layer_map, recall_budget, global_p, chunk_size)
+    holdout = timed("evaluate", T.evaluate_holdout, rows["target", "holdout"], rows["draft", "holdout"], layer_map,
+                    tuned["top_p"], chunk_size)
+
+    t0 = time.perf_counter()
+    art = Artifact(
+        layer_map=torch.tensor(layer_map, dtype=torch.int32),
+        top_p=torch.tensor(tuned["top_p"], dtype=torch.float32),
+        kl=torch.tensor(kl, dtype=torch.float32),
+        metadata={
+            "format": FORMAT, "schema_version": str(SCHEMA_VERSION), "mode": "draft",
+            "chunk_size": str(chunk_size), "dense_layers": str(dense_layers),
+            "draft_model": json.dumps({k: models["draft"][k] for k in ("name", "config_hash", "weights_hash")}
+                                      | {"n_layers": n_d}),
+            "target_model": json.dumps({k: models["target"][k] for k in ("name", "config_hash", "weights_hash")}
+                                       | {"n_layers": n_t}),
+            "tokenizer_hash": models["tokenizer_hash"],
+            "calibration_corpus": json.dumps({k: corpus_info[k] for k in
+                                              ("name", "sha256", "tokens", "documents", "windows",
+                                               "holdout_windows", "window_tokens")}),
+            "objective": json.dumps({"kind": "global_p" if global_p is not None else "target_mass_recall",
+                                     "recall_budget": recall_budget, "global_p": global_p,
+                                     "queries_per_window": queries_per_window, "alignment_cost": aligned["cost"],
+                                     "calibration_recall": tuned["recall"],
+                                     "calibration_kv_fraction": tuned["kv_fraction"]}),
+            "holdout_quality": json.dumps(holdout),
+            "input_fingerprint": fingerprint,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "specattn_version": specattn_runtime.__version__,
+        },
+        curves={
+            "p_grid": torch.tensor(tuned["curves"]["p_grid"]),
+            "recall": torch.tensor(tuned["curves"]["recall"]),
+            "kv_fraction": torch.tensor(tuned["curves"]["kv_fraction"]),
+            "holdout_recall": torch.tensor(holdout["recall_per_layer"]),
+            "holdout_kv_fraction": torch.tensor(holdout["kv_fraction_per_layer"]),
+        },
+    )
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = save_artifact(art, pair_dir / f"{stamp}-{fingerprint[:10]}.safetensors")
+    load_artifact(path)  # read back through the runtime's validation before anyone points at it
+    update_latest(path)
+    timings["write_artifact"] = time.perf_counter() - t0
+
+    _publish(pair, path, layer_map, tuned, holdout, timings)
+    log.info("artifact written: %s (%d bytes)", path, path.stat().st_size)
+    return str(path)
+
+
+def _publish(pair: str, path: Path, layer_map: list[int], tuned: dict, holdout: dict,
+             timings: dict[str, float]) -> None:
+    """Prefect UI artifacts: a markdown summary and a per-layer table."""
+    table = [{"target_layer": j, "draft_layer": i, "top_p": round(p, 4), "calib_recall": round(rc, 4),
+              "holdout_recall": round(hr, 4), "holdout_kv_read": round(hk, 4)}
+             for j, (i, p, rc, hr, hk) in enumerate(zip(layer_map, tuned["top_p"], tuned["recall"],
+                                                        holdout["recall_per_layer"],
+                                                        holdout["kv_fraction_per_layer"]))]
+    create_table_artifact(table, key="specattn-layers", description=f"Layer map and top-p for {pair}")
+    md = [f"# SpecAttn calibration: {pair}", "", f"Artifact: `{path}`", "",
+          f"- holdout KV reduction: {holdout['kv_reduction_sparse_layers']:.1%} of sparse layers, "
+          f"{holdout['kv_reduction_all_layers']:.1%} of all layers",
+          f"- holdout recall of target attention mass: mean {holdout['mean_recall_sparse_layers']:.4f}, "
+          f"min {holdout['min_recall_sparse_layers']:.4f}", "",
+          "| step | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in timings.items()]]
+    create_markdown_artifact("\n".join(md), key="specattn-calibration", description=f"Calibration of {pair}")
+    print("\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.calibrate", description="Run the calibrate flow once.")
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--draft")
+    ap.add_argument("--target")
+    ap.add_argument("--corpus")
+    for name, typ in (("window-tokens", int), ("num-windows", int), ("holdout-windows", int),
+                      ("queries-per-window", int), ("chunk-size", int), ("dense-layers", int),
+                      ("recall-budget", float), ("global-p", float)):
+        ap.add_argument(f"--{name}", type=typ)
+    ap.add_argument("--output-dir", default=os.environ.get("SPECATTN_ARTIFACTS", "artifacts"))
+    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    print(calibrate(**args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Tasks of the ``calibrate`` flow. Each takes paths, hashes and numbers (never tensors), so Prefect can key its
+cache on the inputs; expensive results are written as safetensors under the work directory and passed by path.
+
+The pure logic lives in :mod:`pipelines.corpus`, :mod:`pipelines.attention_stats`, :mod:`pipelines.alignment` and
+:mod:`pipelines.topp_tuning`; these wrappers add I/O, caching, retries and logging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from safetensors.torch import load_file, save_file
+
+from specattn_runtime.fingerprint import model_fingerprint, tokenizer_hash
+from specattn_runtime.models import check_model_dir, load_tokenizer, num_layers
+
+from . import assets
+from .alignment import align_layers, map_cost
+from .attention_stats import collect_pooled_attention, kl_matrix, query_positions, valid_chunks
+from .corpus import split_documents, text_files, wiki_articles, windows_from_token_lists
+from .topp_tuning import LayerRows, recall_and_kv, recall_curves, tune_p
+
+# Survives a new process: results are persisted and keyed on the inputs and the task's code.
+CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+P_GRID = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 1.0])
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+@task(retries=2, retry_delay_seconds=5)
+def prepare_models(draft: str, target: str) -> dict:
+    """Check both model directories, fingerprint them, and refuse pairs whose tokenizers differ."""
+    d, t = check_model_dir(draft, "draft"), check_model_dir(target, "target")
+    d_tok, t_tok = tokenizer_hash(d), tokenizer_hash(t)
+    if d_tok != t_tok:
+        raise ValueError(
+            f"draft {d} and target {t} use different tokenizers (tokenizer hash {d_tok[:12]} vs {t_tok[:12]}); "
+            "layer alignment compares attention position by position, so both must tokenize identically")
+    return {"draft": {"path": str(d), "n_layers": num_layers(d), **model_fingerprint(d)},
+            "target": {"path": str(t), "n_layers": num_layers(t), **model_fingerprint(t)},
+            "tokenizer_hash": t_tok}
+
+
+def _documents(corpus: str | None) -> tuple[str, list[str]]:
+    """``(name, documents)``: the shipped Wikipedia articles, or the .txt files at ``corpus`` via ``datasets``."""
+    if corpus is None:
+        dump = assets.fetch(assets.ENWIKI_BZ2)
+        return "enwiki-gensim-4.4.0", [text for _, text in wiki_articles(dump)]
+    from datasets import load_dataset
+
+    files = text_files(corpus)
+    ds = load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
+    return Path(corpus).name, [row["text"] for row in ds]
+
+
+@task(**CACHED)
+def load_corpus(corpus: str | None, tokenizer_dir: str, tokenizer_hash: str, window_tokens: int,
+                num_windows: int, holdout_windows: int, work_dir: str) -> dict:
+    """Tokenize the corpus, split documents into calibration/holdout, cut windows; save them to one file."""
+    name, docs = _documents(corpus)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"corpus {corpus or name!r} is empty: no non-blank documents")
+    sha = hashlib.sha256("\x00".join(docs).encode()).hexdigest()
+    tok = load_tokenizer(tokenizer_dir)
+    # Keep special tokens out: windows are plain text, separated by EOS between documents.
+    ids = [tok(d, add_special_tokens=False).input_ids for d in docs]
+    n_tokens = sum(map(len, ids))
+    cal_idx, hold_idx = split_documents(len(ids), holdout_every=5)
+    sep = tok.eos_token_id if tok.eos_token_id is not None else 0
+    cal = windows_from_token_lists([ids[i] for i in cal_idx], window_tokens, num_windows, sep)
+    hold = windows_from_token_lists([ids[i] for i in hold_idx], window_tokens, holdout_windows, sep)
+    if cal.shape[0] == 0 or hold.shape[0] == 0:
+        raise ValueError(
+            f"corpus {corpus or name!r} is too short: {n_tokens} tokens in {len(docs)} documents give "
+            f"{cal.shape[0]} calibration and {hold.shape[0]} holdout windows of {window_tokens} tokens; "
+            "need at least one of each (use more text or a smaller window_tokens)")
+    path = Path(work_dir) / f"windows-{_key(sha, tokenizer_hash, window_tokens, num_windows, holdout_windows)}.safetensors"
+    _atomic_save({"calibration": cal, "holdout": hold}, path)
+    windows_sha = hashlib.sha256(cal.numpy().tobytes() + b"|" + hold.numpy().tobytes()).hexdigest()
+    return {"path": str(path), "windows_sha256": windows_sha, "name": name, "sha256": sha,
+            "documents": len(docs), "tokens": n_tokens,
+            "windows": cal.shape[0], "holdout_windows": hold.shape[0], "window_tokens": window_tokens}
+
+
+@task(**CACHED)
+def collect_attention(model: dict, windows_path: str, windows_sha: str, split: str, queries_per_window: int,
+                      chunk_size: int, role: str, work_dir: str) -> str:
+    """Pooled attention rows ``[n_layers, rows, n_chunks]`` of one model on one split, saved under ``work_dir``."""
+    path = Path(work_dir) / f"attn-{role}-{split}-{_key(model['weights_hash'], windows_sha, queries_per_window, chunk_size)}.safetensors"
+    windows = load_file(windows_path)[split]
+    pos = query_positions(windows.shape[1], queries_per_window)
+    rows = collect_pooled_attention(model["path"], windows, pos, chunk_size, role=f"{role}/{split}")
+    n_keys = (pos + 1).repeat(windows.shape[0])
+    _atomic_save({"rows": rows, "n_keys": n_keys, "n_valid": valid_chunks(pos, chunk_size).repeat(windows.shape[0])},
+                 path)
+    return str(path)
+
+
+@task
+def compute_kl(target_rows: str, draft_rows: str, eps: float = 1e-6) -> list[list[float]]:
+    t, d = load_file(target_rows), load_file(draft_rows)
+    return kl_matrix(t["rows"], d["rows"], t["n_valid"], eps).tolist()
+
+
+@task
+def align(kl: list[list[float]], dense_layers: int) -> dict:
+    kl_t = torch.tensor(kl)
+    layer_map = align_layers(kl_t, dense_layers)
+    return {"layer_map": layer_map, "cost": map_cost(kl_t, layer_map)}
+
+
+def _layer_rows(target_rows: str, draft_rows: str, layer_map: list[int]) -> list[LayerRows | None]:
+    t, d = load_file(target_rows), load_file(draft_rows)
+    return [None if i < 0 else LayerRows(d["rows"][i], t["rows"][j], t["n_valid"], t["n_keys"])
+            for j, i in enumerate(layer_map)]
+
+
+@task
+def tune_top_p(target_rows: str, draft_rows: str, layer_map: list[int], recall_budget: float,
+               global_p: float | None, chunk_size: int) -> dict:
+    """Per-layer p (or one global p) and the calibration-split recall curves for reports."""
+    rows = _layer_rows(target_rows, draft_rows, layer_map)
+    top_p, recall, kv = [], [], []
+    for r in rows:
+        if r is None:
+            p, rc, k = 1.0, 1.0, 1.0
+        elif global_p is not None:
+            p, (rc, k) = global_p, recall_and_kv(r, global_p, chunk_size)
+        else:
+            p, rc, k = tune_p(r, recall_budget, chunk_size)
+        top_p.append(p)
+        recall.append(rc)
+        kv.append(k)
+    curve_recall, curve_kv = recall_curves(rows, P_GRID, chunk_size)
+    return {"top_p": top_p, "recall": recall, "kv_fraction": kv,
+            "curves": {"p_grid": P_GRID.tolist(), "recall": curve_recall.tolist(), "kv_fraction": curve_kv.tolist()}}
+
+
+@task
+def evaluate_holdout(target_rows: str, draft_rows: str, layer_map: list[int], top_p: list[float],
+                     chunk_size: int) -> dict:
+    """Recall and KV read on held-out text with the tuned thresholds (what the runtime would do)."""
+    recall, kv = [], []
+    for r, p in zip(_layer_rows(target_rows, draft_rows, layer_map), top_p):
+        rc, k = (1.0, 1.0) if r is None else recall_and_kv(r, p, chunk_size)
+        recall.append(rc)
+        kv.append(k)
+    sparse = [j for j, i in enumerate(layer_map) if i >= 0]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "recall_per_layer": recall, "kv_fraction_per_layer": kv,
+        "mean_recall_sparse_layers": mean([recall[j] for j in sparse]),
+        "min_recall_sparse_layers": min((recall[j] for j in sparse), default=float("nan")),
+        "kv_reduction_sparse_layers": 1 - mean([kv[j] for j in sparse]),
+        "kv_reduction_all_layers": 1 - mean(kv),
+    }

@@ -1,0 +1,40 @@
+"""Named draft/target model pairs that ship as packages (DESIGN.md section 7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .assets import QWEN_05B_GGUF, QWEN_15B_GGUF, SMOLLM2_GGUF, ConvertedModel, convert
+
+# Early-exit draft depth for SmolLM2-135M (30 layers). Chosen by measurement, see README "Model pairs".
+QUICK_DRAFT_LAYERS = 10
+
+
+@dataclass(frozen=True)
+class PairPreset:
+    name: str
+    draft: ConvertedModel
+    target: ConvertedModel
+    description: str
+
+    def ensure(self) -> tuple[Path, Path]:
+        """Fetch and convert both models if needed; return ``(draft_dir, target_dir)``."""
+        draft, target = convert([self.draft, self.target])
+        return draft, target
+
+
+PAIRS: dict[str, PairPreset] = {
+    "quick": PairPreset(
+        "quick",
+        draft=ConvertedModel(f"smollm2-135m-instruct-exit{QUICK_DRAFT_LAYERS}", SMOLLM2_GGUF, QUICK_DRAFT_LAYERS),
+        target=ConvertedModel("smollm2-135m-instruct", SMOLLM2_GGUF),
+        description=f"SmolLM2-135M-Instruct target, its first {QUICK_DRAFT_LAYERS} layers as early-exit draft",
+    ),
+    "qwen-coder": PairPreset(
+        "qwen-coder",
+        draft=ConvertedModel("qwen2.5-coder-0.5b-instruct", QWEN_05B_GGUF),
+        target=ConvertedModel("qwen2.5-coder-1.5b-instruct", QWEN_15B_GGUF),
+        description="Qwen2.5-Coder-0.5B-Instruct draft, Qwen2.5-Coder-1.5B-Instruct target (the faithful pair)",
+    ),
+}

@@ -1,0 +1,257 @@
+"""The calibration artifact: the one thing that passes from calibration to serving.
+
+An artifact is a single ``.safetensors`` file (no pickle) holding
+
+- ``layer_map`` int32 ``[n_target_layers]``: draft layer guiding each target layer, ``-1`` = dense layer;
+- ``top_p`` float32 ``[n_target_layers]``: nucleus threshold per target layer (1.0 on dense layers);
+- ``kl`` float32 ``[n_target_layers, n_draft_layers]``: the KL matrix the map was solved on;
+- optional ``curve.*`` tensors (calibration curves for reports),
+
+plus string metadata in the safetensors header (see ``REQUIRED_METADATA``). Structured metadata values are JSON
+strings. Both :func:`save_artifact` and :func:`load_artifact` run the same :func:`validate_artifact`, so a file that
+was written can always be read back, and a file that loads is always usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "specattn"
+SCHEMA_VERSION = 1
+CURVE_PREFIX = "curve."
+MODES = ("draft", "self")
+
+# Metadata keys every artifact carries. Values are strings; those in JSON_METADATA are JSON documents.
+REQUIRED_METADATA = (
+    "format",
+    "schema_version",
+    "mode",
+    "chunk_size",
+    "dense_layers",
+    "draft_model",
+    "target_model",
+    "tokenizer_hash",
+    "calibration_corpus",
+    "objective",
+    "holdout_quality",
+    "created_at",
+    "specattn_version",
+)
+JSON_METADATA = ("draft_model", "target_model", "calibration_corpus", "objective", "holdout_quality")
+# The safetensors header is a little-endian u64 length followed by that much JSON; anything claiming more than
+# this is not an artifact (ours are a few KiB of header).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class ArtifactError(ValueError):
+    """An artifact file is missing, corrupt, or inconsistent with itself or with the models it is used with."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """In-memory form of a calibration artifact.
+
+    Parameters
+    ----------
+    layer_map : torch.Tensor
+        int32 ``[n_target_layers]``; ``-1`` marks a dense layer.
+    top_p : torch.Tensor
+        float32 ``[n_target_layers]`` in ``(0, 1]``; exactly 1.0 on dense layers.
+    kl : torch.Tensor
+        float32 ``[n_target_layers, n_draft_layers]``, finite and ``>= 0``.
+    metadata : dict[str, str]
+        Header strings; see ``REQUIRED_METADATA``.
+    curves : dict[str, torch.Tensor]
+        Optional float32 report tensors, stored as ``curve.<name>``.
+    """
+
+    layer_map: torch.Tensor
+    top_p: torch.Tensor
+    kl: torch.Tensor
+    metadata: dict[str, str]
+    curves: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_target_layers(self) -> int:
+        return int(self.layer_map.numel())
+
+    @property
+    def n_draft_layers(self) -> int:
+        return int(self.kl.shape[1])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.metadata["chunk_size"])
+
+    @property
+    def dense_layers(self) -> int:
+        return int(self.metadata["dense_layers"])
+
+    def info(self, key: str) -> dict:
+        """Decoded JSON metadata value (e.g. ``info("target_model")["config_hash"]``)."""
+        if key not in JSON_METADATA:
+            raise KeyError(f"{key!r} is not a JSON metadata field; JSON fields are {JSON_METADATA}")
+        return json.loads(self.metadata[key])
+
+
+def _fail(path: str | os.PathLike | None, message: str) -> ArtifactError:
+    where = f"{path}: " if path is not None else ""
+    return ArtifactError(where + message)
+
+
+def validate_artifact(art: Artifact, path: str | os.PathLike | None = None) -> None:
+    """Check schema, shapes, dtypes and value ranges; raise :class:`ArtifactError` naming the first problem."""
+    md = art.metadata
+    missing = [k for k in REQUIRED_METADATA if k not in md]
+    if missing:
+        raise _fail(path, f"metadata is missing {missing}; this is not a complete SpecAttn artifact")
+    if md["format"] != FORMAT:
+        raise _fail(path, f"metadata format is {md['format']!r}, expected {FORMAT!r}")
+    if md["schema_version"] != str(SCHEMA_VERSION):
+        raise _fail(
+            path,
+            f"schema_version is {md['schema_version']!r} but this specattn reads version {SCHEMA_VERSION}; "
+            "recalibrate with this version or install the specattn that wrote it",
+        )
+    if md["mode"] not in MODES:
+        raise _fail(path, f"mode is {md['mode']!r}, expected one of {MODES}")
+    for key in JSON_METADATA:
+        try:
+            json.loads(md[key])
+        except json.JSONDecodeError as e:
+            raise _fail(path, f"metadata {key!r} is not valid JSON ({e})") from None
+    for key in ("chunk_size", "dense_layers"):
+        try:
+            int(md[key])
+        except ValueError:
+            raise _fail(path, f"metadata {key!r} is {md[key]!r}, expected an integer") from None
+    if art.chunk_size <= 0:
+        raise _fail(path, f"chunk_size is {art.chunk_size}, must be > 0")
+
+    lm, tp, kl = art.layer_map, art.top_p, art.kl
+    if lm.dtype != torch.int32 or lm.ndim != 1 or lm.numel() == 0:
+        raise _fail(path, f"layer_map must be non-empty int32 [n_target_layers], got {lm.dtype} {tuple(lm.shape)}")
+    n_t = lm.numel()
+    if tp.dtype != torch.float32 or tuple(tp.shape) != (n_t,):
+        raise _fail(path, f"top_p must be float32 [{n_t}] like layer_map, got {tp.dtype} {tuple(tp.shape)}")
+    if kl.dtype != torch.float32 or kl.ndim != 2 or kl.shape[0] != n_t or kl.shape[1] == 0:
+        raise _fail(path, f"kl must be float32 [{n_t}, n_draft_layers], got {kl.dtype} {tuple(kl.shape)}")
+    n_d = kl.shape[1]
+    if not torch.isfinite(kl).all() or (kl < 0).any():
+        raise _fail(path, "kl has NaN, infinite or negative entries")
+    if ((lm < -1) | (lm >= n_d)).any():
+        raise _fail(path, f"layer_map values must be -1 (dense) or in [0, {n_d - 1}], got {lm.tolist()}")
+    if not torch.isfinite(tp).all() or ((tp <= 0) | (tp > 1)).any():
+        raise _fail(path, f"top_p values must lie in (0, 1], got {tp.tolist()}")
+    dense = lm == -1
+    if (tp[dense] != 1.0).any():
+        raise _fail(path, "dense layers (layer_map == -1) must have top_p == 1.0")
+    if not 0 <= art.dense_layers <= n_t:
+        raise _fail(path, f"dense_layers is {art.dense_layers}, must be in [0, {n_t}]")
+    if not dense[: art.dense_layers].all():
+        raise _fail(path, f"the first dense_layers={art.dense_layers} target layers must be dense (layer_map -1)")
+    mapped = lm[~dense]
+    if mapped.numel() > 1 and (mapped[1:] < mapped[:-1]).any():
+        raise _fail(path, f"layer_map must be non-decreasing over sparse layers, got {lm.tolist()}")
+    for name, t in art.curves.items():
+        if t.dtype != torch.float32 or not torch.isfinite(t).all():
+            raise _fail(path, f"curve {name!r} must be finite float32, got {t.dtype}")
+
+
+def save_artifact(art: Artifact, path: str | os.PathLike) -> Path:
+    """Validate and write ``art`` to ``path`` atomically.
+
+    The bytes go to a temporary file in the same directory, are fsynced, then ``os.replace`` moves them over
+    ``path``: a reader (or a crash) sees either the old file or the complete new one, never half of one.
+    """
+    validate_artifact(art)
+    path = Path(path)
+    tensors = {"layer_map": art.layer_map.contiguous(), "top_p": art.top_p.contiguous(), "kl": art.kl.contiguous()}
+    tensors.update({CURVE_PREFIX + k: v.contiguous() for k, v in art.curves.items()})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(art.metadata))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # temp files are 0600; an artifact is shared like any other output file
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_header(path: Path) -> None:
+    """Reject non-safetensors files (pickles, truncated downloads) with a readable message before safetensors does."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"file is {size} bytes: too short to be a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise _fail(
+                path,
+                "not a safetensors file, or truncated: the header length field does not fit the file "
+                "(a pickle or .pt file renamed .safetensors looks like this)",
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _fail(path, "the safetensors header is not valid JSON: the file is corrupt") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and 8 + n + max(ends) > size:
+        raise _fail(path, f"file is truncated: tensors need {8 + n + max(ends)} bytes, the file has {size}")
+
+
+def load_artifact(path: str | os.PathLike) -> Artifact:
+    """Read and validate an artifact; every problem is an :class:`ArtifactError` (a ``ValueError``).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.safetensors`` artifact (``latest.safetensors`` symlinks are followed).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no artifact at {path}; run calibration first (see README) or check the path")
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory; pass the .safetensors file (e.g. {path}/latest.safetensors)")
+    _check_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            keys = set(f.keys())
+            missing = {"layer_map", "top_p", "kl"} - keys
+            if missing:
+                raise _fail(path, f"tensors {sorted(missing)} are missing; this is not a SpecAttn artifact")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except SafetensorError as e:
+        raise _fail(path, f"cannot be read as safetensors ({e}); the file is corrupt") from None
+    curves = {k[len(CURVE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CURVE_PREFIX)}
+    art = Artifact(tensors["layer_map"], tensors["top_p"], tensors["kl"], metadata, curves)
+    validate_artifact(art, path)
+    return art
+
+
+def update_latest(art_path: str | os.PathLike, name: str = "latest.safetensors") -> Path:
+    """Point ``<dir>/latest.safetensors`` at ``art_path`` atomically (relative symlink, swapped by ``os.replace``)."""
+    art_path = Path(art_path)
+    link = art_path.parent / name
+    tmp = art_path.parent / f".{name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(art_path.name, tmp)
+    os.replace(tmp, link)
+    return link

@@ -1,0 +1,84 @@
+"""Recording chunk-pooled attention from inside a Hugging Face model, through transformers' ``AttentionInterface``.
+
+No modeling code is copied: we register one attention function under the name ``"specattn_record"`` and load
+models with ``attn_implementation="specattn_record"``. It computes ordinary softmax attention (the same math as
+transformers' eager path) and, when the forward call passes a :class:`AttentionRecorder` as the keyword argument
+``specattn_recorder``, stores for each layer the head-averaged attention of the chosen query rows pooled to chunks.
+Only those pooled rows are kept (``[batch, queries, n_chunks]`` per layer), never ``[layers, heads, T, T]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .pooling import pool_to_chunks
+
+ATTN_NAME = "specattn_record"
+_registered = False
+
+
+@dataclass
+class AttentionRecorder:
+    """Collects pooled attention rows during one forward pass.
+
+    Parameters
+    ----------
+    query_positions : torch.Tensor
+        int64 ``[queries]``: absolute positions (within the forward's query block) whose rows are kept.
+    chunk_size : int
+        Keys per chunk.
+    layers : set[int] or None
+        Layer indices to record; ``None`` records every layer.
+    """
+
+    query_positions: torch.Tensor
+    chunk_size: int
+    layers: set[int] | None = None
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [batch, queries, n_chunks]
+
+    def wants(self, layer_idx: int) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+    def stacked(self, n_layers: int) -> torch.Tensor:
+        """float32 ``[n_layers, batch, queries, n_chunks]``; raises if a layer was not recorded."""
+        missing = [i for i in range(n_layers) if i not in self.rows]
+        if missing:
+            raise RuntimeError(f"no attention recorded for layers {missing}: was the model loaded with "
+                               f"attn_implementation={ATTN_NAME!r}?")
+        return torch.stack([self.rows[i] for i in range(n_layers)])
+
+
+def _record_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      specattn_recorder: AttentionRecorder | None = None, **kwargs):
+    # query: [B, H, Tq, D]; key/value: [B, Hkv, Tk, D]; attention_mask: additive [B, 1, Tq, Tk] or None
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+    v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = torch.matmul(query, k.transpose(2, 3)) * scale
+    if attention_mask is not None:
+        logits = logits + attention_mask[..., : k.shape[-2]]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, v).transpose(1, 2).contiguous()  # [B, Tq, H, D]
+
+    rec = specattn_recorder
+    layer_idx = getattr(module, "layer_idx", None)
+    if rec is not None and layer_idx is not None and rec.wants(layer_idx):
+        rows = probs[:, :, rec.query_positions, :].float().mean(dim=1)  # [B, Q, Tk], head-averaged
+        rec.rows[layer_idx] = pool_to_chunks(rows, rec.chunk_size)
+    return out, None
+
+
+def register() -> str:
+    """Register the recording attention (and its additive causal mask) with transformers; idempotent."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+        AttentionInterface.register(ATTN_NAME, _record_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
+        _registered = True
+    return ATTN_NAME

@@ -1,0 +1,17 @@
+"""Pieces shared by the selection implementations: validity and forced (always-kept) chunks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def valid_and_forced(n_valid: torch.Tensor, n_chunks: int, keep_sink: bool, keep_recent: bool):
+    """``valid`` and ``forced`` bool masks ``[rows, n_chunks]``."""
+    idx = torch.arange(n_chunks, device=n_valid.device)[None, :]
+    valid = idx < n_valid[:, None]
+    forced = torch.zeros_like(valid)
+    if keep_sink:
+        forced |= idx == 0
+    if keep_recent:
+        forced |= idx == (n_valid[:, None] - 1)
+    return valid, forced & valid

@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests use the real shipped models (fetched by scripts/setup.sh) and real Prefect servers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Prefect reads its settings when first imported: keep tests off the user's ~/.prefect, give the temporary
+# server time to start on 2 cores (a fresh SQLite database takes ~45 s there), and send no analytics.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="specattn-test-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def quick_pair() -> tuple[str, str]:
+    """(draft_dir, target_dir) of the shipped quick pair: SmolLM2-135M and its 10-layer early exit."""
+    from pipelines.presets import PAIRS
+
+    d, t = PAIRS["quick"].ensure()
+    return str(d), str(t)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A freshly seeded generator per test: inputs differ between tests, runs are reproducible."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
