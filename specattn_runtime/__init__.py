@@ -5,6 +5,8 @@ import time.
 """
 
 from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
+from .runtime import GenerationOutput, GenerationStats, SpecAttnRuntime
 
 __version__ = "0.1.0"
-__all__ = ["Artifact", "ArtifactError", "load_artifact", "save_artifact", "__version__"]
+__all__ = ["Artifact", "ArtifactError", "GenerationOutput", "GenerationStats", "SpecAttnRuntime", "load_artifact",
+           "save_artifact", "__version__"]

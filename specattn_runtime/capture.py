@@ -50,19 +50,30 @@ class AttentionRecorder:
         return torch.stack([self.rows[i] for i in range(n_layers)])
 
 
-def _record_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      specattn_recorder: AttentionRecorder | None = None, **kwargs):
-    # query: [B, H, Tq, D]; key/value: [B, Hkv, Tk, D]; attention_mask: additive [B, 1, Tq, Tk] or None
+def softmax_attention(query, key, value, attention_mask, scale):
+    """Plain softmax attention that also returns the probabilities (transformers' eager math).
+
+    query ``[B, H, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; attention_mask additive ``[B, 1, Tq, Tk]`` or None
+    (then causal with the queries at the last ``Tq`` positions). Returns ``([B, Tq, H, D], [B, H, Tq, Tk])``.
+    """
     n_rep = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
     v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     logits = torch.matmul(query, k.transpose(2, 3)) * scale
+    tq, tk = query.shape[2], k.shape[2]
     if attention_mask is not None:
-        logits = logits + attention_mask[..., : k.shape[-2]]
+        logits = logits + attention_mask[..., :tk]
+    elif tq > 1:
+        causal = torch.arange(tk, device=query.device)[None, :] <= torch.arange(tk - tq, tk, device=query.device)[:, None]
+        logits = logits.masked_fill(~causal, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, v).transpose(1, 2).contiguous()  # [B, Tq, H, D]
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
 
+
+def _record_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      specattn_recorder: AttentionRecorder | None = None, **kwargs):
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out, probs = softmax_attention(query, key, value, attention_mask, scale)
     rec = specattn_recorder
     layer_idx = getattr(module, "layer_idx", None)
     if rec is not None and layer_idx is not None and rec.wants(layer_idx):

@@ -5,7 +5,8 @@ Contract shared by every implementation (``method=`` of :func:`select_chunks`):
 - ``scores`` float ``[rows, n_chunks]`` >= 0: chunk-pooled attention (of the draft, at run time).
 - ``p`` float or float ``[rows]`` in ``(0, 1]``; ``p >= 1`` means dense (every valid chunk).
 - ``n_valid`` int ``[rows]`` >= 1: chunks ``>= n_valid`` are outside the row's causal window, never selected.
-- The sink chunk 0 and the newest chunk ``n_valid - 1`` are always selected and their mass counts toward ``p``;
+- The sink chunk 0 and the ``keep_recent`` newest chunks (default 1: chunk ``n_valid - 1``) are always selected
+  and their mass counts toward ``p``;
   the rest is the fewest further chunks (largest first) that bring the mass to ``>= p * total``.
 - A row whose mass is zero selects every valid chunk (no information: stay dense).
 """
@@ -17,7 +18,7 @@ import torch
 from .reference import topp_mask_reference
 from .threshold import topp_mask_threshold
 
-METHODS = ("sort", "threshold")
+METHODS = ("sort", "threshold", "triton")
 
 
 def _check(scores: torch.Tensor, p, n_valid: torch.Tensor | None):
@@ -38,13 +39,18 @@ def _check(scores: torch.Tensor, p, n_valid: torch.Tensor | None):
 
 
 def select_chunks(scores: torch.Tensor, p, n_valid: torch.Tensor | None = None, *, method: str = "sort",
-                  keep_sink: bool = True, keep_recent: bool = True) -> torch.Tensor:
+                  keep_sink: bool = True, keep_recent: int = 1) -> torch.Tensor:
     """Boolean selection mask ``[rows, n_chunks]``; see the module docstring for the contract."""
     p, n_valid = _check(scores, p, n_valid)
     if method == "sort":
         return topp_mask_reference(scores, p, n_valid, keep_sink=keep_sink, keep_recent=keep_recent)
     if method == "threshold":
         return topp_mask_threshold(scores, p, n_valid, keep_sink=keep_sink, keep_recent=keep_recent)
+    if method == "triton":
+        from .triton_select import indices_to_mask, topp_select_triton
+
+        idx, count = topp_select_triton(scores, p, n_valid, keep_sink=keep_sink, keep_recent=keep_recent)
+        return indices_to_mask(idx, count, scores.shape[1])
     raise ValueError(f"unknown selection method {method!r}; choose one of {METHODS}")
 
 

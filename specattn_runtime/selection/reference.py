@@ -8,7 +8,7 @@ from .common import valid_and_forced
 
 
 def topp_mask_reference(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Tensor, *,
-                        keep_sink: bool = True, keep_recent: bool = True) -> torch.Tensor:
+                        keep_sink: bool = True, keep_recent: int = 1) -> torch.Tensor:
     """Sort the free chunks by score, keep the shortest prefix that brings the mass to ``>= p * total``.
 
     ``scores`` float ``[rows, n_chunks]``, ``p`` float32 ``[rows]``, ``n_valid`` int64 ``[rows]``; returns bool

@@ -15,7 +15,7 @@ SEARCH_STEPS = 31  # bits of a non-negative float32 pattern
 
 
 def topp_mask_threshold(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Tensor, *,
-                        keep_sink: bool = True, keep_recent: bool = True) -> torch.Tensor:
+                        keep_sink: bool = True, keep_recent: int = 1) -> torch.Tensor:
     """Same contract as :func:`topp_mask_reference`; returns bool ``[rows, n_chunks]``."""
     rows, n_chunks = scores.shape
     valid, forced = valid_and_forced(n_valid, n_chunks, keep_sink, keep_recent)

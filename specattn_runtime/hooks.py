@@ -1,0 +1,66 @@
+"""The runtime's attention function, plugged into both models through transformers' ``AttentionInterface``.
+
+Models are loaded with ``attn_implementation="specattn"``. With no ``specattn_state`` keyword in the forward
+call (prefill, plain decoding) it is transformers' SDPA attention. During speculation the loop passes a
+:class:`StepState`:
+
+- draft forwards (``mode="draft"``): layers in ``record_layers`` compute softmax attention explicitly and append
+  their head-averaged, chunk-pooled row for the new query to ``rows[layer]``;
+- the target's verification forward (``mode="verify"``): layers with a chunk selection in ``chunk_masks`` call
+  the block-sparse attention backend; the others (dense layers) stay on SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .capture import softmax_attention
+from .pooling import pool_to_chunks
+from .sparse import sparse_attention
+
+ATTN_NAME = "specattn"
+_registered = False
+
+
+@dataclass
+class StepState:
+    mode: str  # "draft" | "verify"
+    chunk_size: int
+    record_layers: frozenset[int] = frozenset()
+    rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # draft layer -> [B, C_s] per draft step
+    chunk_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # target layer -> bool [B, C]
+    backend: str = "torch"
+
+
+def _specattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        specattn_state: StepState | None = None, **kwargs):
+    st, layer = specattn_state, getattr(module, "layer_idx", None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if st is not None and st.mode == "draft" and layer in st.record_layers:
+        out, probs = softmax_attention(query, key, value, attention_mask, scale)
+        row = pool_to_chunks(probs[:, :, -1].float().mean(1), st.chunk_size)  # newest query, head-averaged: [B, C]
+        st.rows.setdefault(layer, []).append(row)
+        return out, None
+    if st is not None and st.mode == "verify" and layer in st.chunk_masks:
+        out = sparse_attention(query, key, value, st.chunk_masks[layer], chunk_size=st.chunk_size, scale=scale,
+                               backend=st.backend)
+        return out.transpose(1, 2).contiguous(), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+def register() -> str:
+    """Register ``"specattn"`` (and SDPA's mask builder for it) with transformers; idempotent."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(ATTN_NAME, _specattn_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+        _registered = True
+    return ATTN_NAME

@@ -1,0 +1,45 @@
+"""Block-sparse attention, plain torch: a boolean key mask built from the chunk selection, then SDPA.
+
+Exact for the selected set: every selected key is read in full precision and nothing else is. The reference for
+the GPU kernels and the CPU backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def key_mask_from_chunks(chunk_mask: torch.Tensor, n_keys: int, chunk_size: int) -> torch.Tensor:
+    """bool ``[B, C]`` chunk selection -> bool ``[B, n_keys]`` key selection."""
+    return chunk_mask.repeat_interleave(chunk_size, dim=-1)[:, :n_keys]
+
+
+def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_mask: torch.Tensor,
+                               chunk_size: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of the newest ``Tq`` positions over the selected key chunks.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, H, Tq, D]`` queries at absolute positions ``Tk - Tq .. Tk - 1``.
+    k, v : torch.Tensor
+        ``[B, Hkv, Tk, D]`` with ``H % Hkv == 0`` (GQA: each KV head serves ``H // Hkv`` query heads).
+    chunk_mask : torch.Tensor
+        bool ``[B, ceil(Tk / chunk_size)]``: chunks every query of the sequence may read (shared by all heads and
+        queries, which is what lets a kernel load each selected block once).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, H, Tq, D]``.
+    """
+    b, h, tq, _ = q.shape
+    tk = k.shape[2]
+    keys = key_mask_from_chunks(chunk_mask, tk, chunk_size)  # [B, Tk]
+    q_pos = torch.arange(tk - tq, tk, device=q.device)
+    causal = torch.arange(tk, device=q.device)[None, :] <= q_pos[:, None]  # [Tq, Tk]
+    if not chunk_mask[:, (tk - tq) // chunk_size :].all():
+        raise ValueError("the chunks holding the queries' own positions (the newest chunks) must be selected")
+    mask = keys[:, None, None, :] & causal[None, None]  # [B, 1, Tq, Tk]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != k.shape[1])
