@@ -1,4 +1,5 @@
-"""Kernel benchmarks (GPU): top-p chunk selection, Triton vs torch sort-based top-p vs torch.topk.
+"""Kernel benchmarks (GPU): top-p chunk selection (Triton vs torch sort-based top-p vs torch.topk) and
+block-sparse verification attention (Triton vs dense SDPA), bf16.
 
 Prints a table of medians and ratios measured side by side in one run, writes JSON. First checks the kernel
 against the sort reference on fresh random inputs (a benchmark of a wrong kernel is worthless).
@@ -21,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from specattn_runtime.selection import select_chunks  # noqa: E402
 from specattn_runtime.selection.triton_select import indices_to_mask, topp_select_triton  # noqa: E402
+from specattn_runtime.sparse import sparse_attention_reference  # noqa: E402
+from specattn_runtime.sparse.triton_attn import mask_to_indices, sparse_attention_triton  # noqa: E402
 
 
 def sort_topp(scores: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -61,14 +64,70 @@ def check(dev: str, gen: torch.Generator) -> None:
             raise SystemExit("kernel disagrees with the reference: not benchmarking")
 
 
+def copy_bandwidth(dev: str) -> float:
+    """Measured device-to-device copy bandwidth, bytes read + written per second."""
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=dev).normal_()
+    y = torch.empty_like(x)
+    t = bench(lambda a, b: b.copy_(a), [(x, y)]) * 1e-6
+    return 2 * x.numel() * 2 / t
+
+
+def check_attention(dev: str, gen: torch.Generator) -> None:
+    for h, hkv, tq, tk in ((32, 8, 8, 5000), (32, 32, 1, 3000)):
+        q = torch.randn(1, h, tq, 128, generator=gen).to(dev, torch.bfloat16)
+        k = torch.randn(1, hkv, tk, 128, generator=gen).to(dev, torch.bfloat16)
+        v = torch.randn(1, hkv, tk, 128, generator=gen).to(dev, torch.bfloat16)
+        mask = torch.rand(1, -(-tk // 16), generator=gen) < 0.25
+        mask[:, 0] = True
+        mask[:, (tk - tq) // 16 :] = True
+        mask = mask.to(dev)
+        idx, cnt = mask_to_indices(mask)
+        out = sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16)
+        ref = sparse_attention_reference(q.double(), k.double(), v.double(), mask, 16)
+        err = float((out.double() - ref).norm() / ref.norm())
+        print(f"check attention H={h} Hkv={hkv} q={tq} keys={tk}: rel err {err:.2e}")
+        if not err < 1e-2:
+            raise SystemExit("attention kernel disagrees with the reference: not benchmarking")
+
+
+def bench_attention(dev: str, gen: torch.Generator, contexts, copy_bw: float) -> list[dict]:
+    results = []
+    for name, h, hkv in (("MHA", 32, 32), ("GQA", 32, 8)):
+        for tk in contexts:
+            c = tk // 16
+            k = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+            v = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+            for tq in (1, 8):
+                q = torch.randn(1, h, tq, 128, device=dev, dtype=torch.bfloat16)
+                # dense baseline: all keys, no mask (the 8 drafted queries' causality ignored: flash path)
+                t_dense = bench(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=h != hkv), [(q, k, v)])
+                for density in (0.1, 0.25, 0.5):
+                    sets = []
+                    for _ in range(3):
+                        m = torch.rand(1, c, device=dev) < density
+                        m[:, 0] = True
+                        m[:, (tk - tq) // 16 :] = True
+                        sets.append(mask_to_indices(m))
+                    t_sparse = bench(lambda i, n: sparse_attention_triton(q, k, v, i, n, chunk_size=16), sets)
+                    sel_bytes = 2 * hkv * 128 * 2 * float(sets[0][1].sum()) * 16
+                    results.append({"layout": name, "heads": h, "kv_heads": hkv, "keys": tk, "q_len": tq,
+                                    "density": density, "dense_sdpa_us": t_dense, "triton_sparse_us": t_sparse,
+                                    "speedup": t_dense / t_sparse,
+                                    "selected_bw_frac": sel_bytes / (t_sparse * 1e-6) / copy_bw})
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/kernels.json")
     ap.add_argument("--rows", type=int, default=32 * 8, help="layers x queries")
+    ap.add_argument("--contexts", default="4096,16384,65536,131072")
     args = ap.parse_args()
     dev = "cuda"
     gen = torch.Generator().manual_seed(0)
     check(dev, gen)
+    check_attention(dev, gen)
     results = []
     for keys in (2048, 8192, 32768, 131072):
         c = keys // 16
@@ -93,9 +152,18 @@ def main() -> None:
     for r in results:
         print(f"{r['keys']:>7} {r['chunks']:>6} {r['triton_us']:>9.1f} {r['sort_topp_us']:>11.1f} "
               f"{r['topk_us']:>10.1f} {r['sort_over_triton']:>12.2f} {r['topk_over_triton']:>12.2f}")
+    copy_bw = copy_bandwidth(dev)
+    attn = bench_attention(dev, gen, [int(x) for x in args.contexts.split(",")], copy_bw)
+    print(f"\nblock-sparse verification attention, bf16, head_dim 128, median us; copy bandwidth "
+          f"{copy_bw / 1e12:.2f} TB/s; dense = SDPA over all keys")
+    print(f"{'layout':>6} {'keys':>7} {'q':>2} {'density':>7} {'dense':>8} {'sparse':>8} {'speedup':>8} "
+          f"{'sel.bw/copy':>11}")
+    for r in attn:
+        print(f"{r['layout']:>6} {r['keys']:>7} {r['q_len']:>2} {r['density']:>7.2f} {r['dense_sdpa_us']:>8.1f} "
+              f"{r['triton_sparse_us']:>8.1f} {r['speedup']:>8.2f} {r['selected_bw_frac']:>11.2f}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    Path(args.out).write_text(json.dumps({"meta": meta, "selection": results}, indent=1))
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "copy_bw_bytes_s": copy_bw}
+    Path(args.out).write_text(json.dumps({"meta": meta, "selection": results, "attention": attn}, indent=1))
 
 
 if __name__ == "__main__":

@@ -100,8 +100,10 @@ class SpecAttnRuntime:
     """Sparse speculative generation driven by a calibration artifact. Build with :meth:`from_artifact`."""
 
     def __init__(self, artifact: Artifact, draft, target, tokenizer=None, *, backend: str = "torch",
-                 selection: str = "threshold", exact_dense_shortcut: bool = True):
+                 selection: str = "auto", exact_dense_shortcut: bool = True):
         self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
+        if selection == "auto":  # the Triton kernel where it compiles, the same search in torch elsewhere
+            selection = "triton" if next(target.parameters()).is_cuda else "threshold"
         self.backend, self.selection = backend, selection
         self.chunk_size = artifact.chunk_size
         self.layer_map = artifact.layer_map.tolist()
@@ -114,7 +116,7 @@ class SpecAttnRuntime:
 
     @classmethod
     def from_artifact(cls, path: str | Path, *, draft: str | Path, target: str | Path, device: str = "cpu",
-                      dtype: torch.dtype = torch.float32, backend: str = "torch", selection: str = "threshold",
+                      dtype: torch.dtype = torch.float32, backend: str = "torch", selection: str = "auto",
                       allow_mismatch: bool = False, **kwargs) -> "SpecAttnRuntime":
         """Load the artifact and both models, refusing models the artifact was not calibrated for.
 

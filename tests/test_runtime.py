@@ -45,7 +45,8 @@ def greedy_reference(quick_pair, prompt_ids):
 
     target = load_causal_lm(quick_pair[1])
     with torch.no_grad():
-        out = target.generate(torch.tensor([prompt_ids]), max_new_tokens=N_NEW, do_sample=False,
+        ids = torch.tensor([prompt_ids])
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
 

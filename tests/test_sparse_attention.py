@@ -49,3 +49,27 @@ def test_query_without_keys_is_refused():
         sparse_attention(q, k, k, mask, chunk_size=16)
     with pytest.raises(ValueError, match="backend"):
         sparse_attention(q, k, k, torch.ones(1, 3, dtype=torch.bool), chunk_size=16, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("b,h,hkv,tq,tk,d,splits", [(1, 4, 4, 1, 63, 16, 1), (2, 8, 2, 5, 150, 32, 3),
+                                                    (1, 6, 3, 8, 97, 64, None)])
+def test_triton_kernel_matches_naive(b, h, hkv, tq, tk, d, splits, gen):
+    """The Triton kernel (interpreter on CPU) against naive float64 attention; poisoned output buffer."""
+    from specattn_runtime.sparse.triton_attn import mask_to_indices, sparse_attention_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    q = torch.randn(b, h, tq, d, generator=gen).to(dev, dtype)
+    k = torch.randn(b, hkv, tk, d, generator=gen).to(dev, dtype)
+    v = torch.randn(b, hkv, tk, d, generator=gen).to(dev, dtype)
+    c = -(-tk // 16)
+    mask = torch.rand(b, c, generator=gen) < 0.5
+    mask[:, 0] = True
+    mask[:, (tk - tq) // 16 :] = True
+    idx, count = mask_to_indices(mask.to(dev))
+    out = torch.full_like(q, float("nan"))
+    sparse_attention_triton(q, k, v, idx, count, chunk_size=16, num_splits=splits, out=out)
+    assert torch.isfinite(out).all(), "unwritten or NaN outputs"
+    ref = naive(q.cpu().double(), k.cpu().double(), v.cpu().double(), mask, 16)
+    err = (out.cpu().double() - ref).norm() / ref.norm()
+    assert err < (5e-3 if dtype == torch.float16 else 1e-5), f"relative error {err:.2e}"

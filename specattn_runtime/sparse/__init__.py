@@ -1,7 +1,7 @@
 """Block-sparse verification attention behind one function with an explicit ``backend``.
 
-``torch`` (masked SDPA, exact, runs everywhere) is available now; the Triton kernel and the FlashInfer backend
-plug in here with the same contract.
+``torch`` (masked SDPA, exact, runs everywhere) and ``triton`` (split-K kernel reading compacted chunk indices;
+CUDA, or the Triton interpreter on CPU). FlashInfer plugs in here with the same contract.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from .reference import key_mask_from_chunks, sparse_attention_reference
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_mask: torch.Tensor, *,
@@ -18,6 +18,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_ma
     """See :func:`sparse_attention_reference` for shapes; ``backend`` picks the implementation."""
     if backend == "torch":
         return sparse_attention_reference(q, k, v, chunk_mask, chunk_size, scale)
+    if backend == "triton":
+        from .triton_attn import mask_to_indices, sparse_attention_triton
+
+        idx, count = mask_to_indices(chunk_mask)
+        return sparse_attention_triton(q, k, v, idx, count, chunk_size=chunk_size, scale=scale)
     raise ValueError(f"unknown or unavailable sparse-attention backend {backend!r}; available: {BACKENDS}")
 
 

@@ -1,0 +1,115 @@
+"""Triton kernel: block-sparse verification attention, split-K over the selected chunks, GQA-aware.
+
+One program per (sequence, KV head, split). It holds every query row that reads this KV head, i.e. all
+``G = H // Hkv`` query heads times all ``Tq`` verified positions (``M = G * Tq`` rows), so each selected K/V
+chunk is loaded once for all of them. Chunks come straight from the selection kernel's compacted index buffer
+(``idx[b, :count[b]]``), ``CHUNKS_PER_ITER`` of them gathered per iteration into one ``[CHUNKS_PER_ITER * CHUNK]``
+key tile; these groups are dealt round-robin to the splits. Each split writes a partial (unnormalised output, running max, running sum); ``_combine_kernel`` merges
+the splits.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sparse_attn_split_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, o_part_ptr, m_part_ptr, l_part_ptr,
+    sm_scale, n_keys,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ib,
+    stride_ob, stride_oh, stride_os, stride_om,
+    Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr, CHUNKS_PER_ITER: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    BLOCK_N: tl.constexpr = CHUNK * CHUNKS_PER_ITER
+
+    # rows: m = g * Q_LEN + t  (query head kvh * GROUP + g, verified position t)
+    offs_m = tl.arange(0, BLOCK_M)
+    g = offs_m // Q_LEN
+    t = offs_m % Q_LEN
+    row_ok = offs_m < GROUP * Q_LEN
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + b * stride_qb + (kvh * GROUP + g)[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_pos = n_keys - Q_LEN + t  # absolute position of each row's query
+
+    # Groups of CHUNKS_PER_ITER selected chunks are dealt round-robin to the splits: every split gets its share
+    # of however many chunks were selected, with no host sync to learn the count.
+    count = tl.load(count_ptr + b)
+    n_groups = tl.cdiv(count, CHUNKS_PER_ITER)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # 1/ln(2): exp2 instead of exp
+
+    offs_n = tl.arange(0, BLOCK_N)
+    for grp in range(split, n_groups, tl.num_programs(1)):
+        slot = grp * CHUNKS_PER_ITER + offs_n // CHUNK
+        slot_ok = slot < count
+        chunk = tl.load(idx_ptr + b * stride_ib + slot, mask=slot_ok, other=0)
+        key_pos = chunk * CHUNK + offs_n % CHUNK
+        key_ok = slot_ok & (key_pos < n_keys)
+        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + key_pos[:, None] * stride_kt + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + key_pos[:, None] * stride_vt + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        visible = key_ok[None, :] & (key_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # rows that have seen nothing yet keep m = -inf: shift by 0 there to avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    base = b * stride_ob + kvh * stride_oh + split * stride_os
+    tl.store(o_part_ptr + base + offs_m[:, None] * stride_om + offs_d[None, :], acc, mask=row_ok[:, None])
+    ml_base = ((b * tl.num_programs(0) + kvh) * tl.num_programs(1) + split) * BLOCK_M
+    tl.store(m_part_ptr + ml_base + offs_m, m_i, mask=row_ok)
+    tl.store(l_part_ptr + ml_base + offs_m, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, n_splits,
+    stride_ob, stride_oh, stride_os, stride_om,
+    stride_outb, stride_outh, stride_outt,
+    Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Merge split partials: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, per row."""
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < GROUP * Q_LEN
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_tot = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for s in range(0, n_splits):
+        ml = ((b * tl.num_programs(0) + kvh) * n_splits + s) * BLOCK_M
+        m_tot = tl.maximum(m_tot, tl.load(m_part_ptr + ml + offs_m, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m_tot == float("-inf"), 0.0, m_tot)
+    l_tot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for s in range(0, n_splits):
+        ml = ((b * tl.num_programs(0) + kvh) * n_splits + s) * BLOCK_M
+        w = tl.exp2(tl.load(m_part_ptr + ml + offs_m, mask=row_ok, other=float("-inf")) - m_safe)
+        l_tot += w * tl.load(l_part_ptr + ml + offs_m, mask=row_ok, other=0.0)
+        o = tl.load(o_part_ptr + b * stride_ob + kvh * stride_oh + s * stride_os + offs_m[:, None] * stride_om
+                    + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        acc += w[:, None] * o
+    out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]  # padding rows have l = 0 and are not stored
+    g = offs_m // Q_LEN
+    t = offs_m % Q_LEN
+    out_ptrs = out_ptr + b * stride_outb + (kvh * GROUP + g)[:, None] * stride_outh + t[:, None] * stride_outt \
+        + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -1,0 +1,75 @@
+"""Host wrapper for the block-sparse verification kernel: check, size the split, launch, combine."""
+
+from __future__ import annotations
+
+import torch
+
+CHUNKS_PER_ITER = 4  # 4 chunks of 16 keys: a 64-key tile per iteration
+
+
+def mask_to_indices(chunk_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[B, C]`` -> (int32 ``[B, C]`` selected chunk ids first, in order; int32 ``[B]`` counts); no host sync."""
+    idx = torch.sort((~chunk_mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return idx, chunk_mask.sum(-1, dtype=torch.int32)
+
+
+def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                            count: torch.Tensor, *, chunk_size: int, scale: float | None = None,
+                            num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse causal attention of ``q`` (the newest ``Tq`` positions) over the chunks ``idx[b, :count[b]]``.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, H, Tq, D]`` (fp16/bf16/fp32), ``D`` a power of two.
+    k, v : torch.Tensor
+        ``[B, Hkv, Tk, D]``, last dim contiguous (a transformers cache layer as is).
+    idx, count : torch.Tensor
+        int32 ``[B, C]`` and ``[B]``: compacted selection (the selection kernel's output).
+    num_splits : int, optional
+        Split-K factor; default fills the GPU with about two programs per multiprocessor.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, H, Tq, D]`` in ``q``'s dtype (written into ``out`` when given).
+    """
+    import triton
+
+    from .kernel import _combine_kernel, _sparse_attn_split_kernel
+
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({hkv})")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"head_dim {d} must be a power of two >= 16 for the Triton backend")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k and v need a contiguous last dimension")
+    group = h // hkv
+    block_m = max(16, triton.next_power_of_2(group * tq))
+    cap = idx.shape[1]
+    if num_splits is None:
+        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        num_splits = max(1, min(-(-2 * n_sm // (b * hkv)), -(-cap // CHUNKS_PER_ITER)))
+    o_part = torch.empty(b, hkv, num_splits, block_m, d, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(b, hkv, num_splits, block_m, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    if out is None:
+        out = torch.empty_like(q)
+    sm_scale = scale if scale is not None else d ** -0.5
+    _sparse_attn_split_kernel[(hkv, num_splits, b)](
+        q, k, v, idx, count, o_part, m_part, l_part, sm_scale, tk,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), idx.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, CHUNK=chunk_size, CHUNKS_PER_ITER=CHUNKS_PER_ITER,
+        num_warps=4, num_stages=2,
+    )
+    _combine_kernel[(hkv, b)](
+        o_part, m_part, l_part, out, num_splits,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_S=16, num_warps=4,
+    )
+    return out
