@@ -47,6 +47,23 @@ def bench(fn, rotate: list, warmup_ms=50, rep_ms=300) -> float:
     return triton.testing.do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
 
 
+def bench_graph(fn, args, calls: int = 20) -> float:
+    """Median microseconds per call with launch overhead removed: ``calls`` calls captured in one CUDA graph."""
+    import triton
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn(*args)
+    return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median") * 1e3 / calls
+
+
 def check(dev: str, gen: torch.Generator) -> None:
     for rows, c in ((256, 128), (64, 2048), (16, 8192)):
         scores = torch.softmax(torch.randn(rows, c, generator=gen) * 4, -1)
@@ -142,16 +159,20 @@ def main() -> None:
         t_triton = bench(lambda s, p, n: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), sets)
         t_sort = bench(lambda s, p, n: sort_topp(s, p), sets)
         t_topk = bench(lambda s, p, n: torch.topk(s, k, dim=-1), sets)
+        g_triton = bench_graph(lambda s, p, n: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), sets[0])
+        g_sort = bench_graph(lambda s, p, n: sort_topp(s, p), sets[0])
         row = {"keys": keys, "chunks": c, "rows": args.rows, "triton_us": t_triton, "sort_topp_us": t_sort,
-               "topk_us": t_topk, "sort_over_triton": t_sort / t_triton, "topk_over_triton": t_topk / t_triton}
+               "topk_us": t_topk, "sort_over_triton": t_sort / t_triton, "topk_over_triton": t_topk / t_triton,
+               "graph_triton_us": g_triton, "graph_sort_topp_us": g_sort, "graph_sort_over_triton": g_sort / g_triton}
         results.append(row)
     print(f"\nselection, rows={args.rows} (layers x queries), chunk 16, p=0.97, median us "
           f"({torch.cuda.get_device_name()}, torch {torch.__version__})")
     print(f"{'keys':>7} {'chunks':>6} {'triton':>9} {'sort top-p':>11} {'topk(c/4)':>10} {'sort/triton':>12} "
-          f"{'topk/triton':>12}")
+          f"{'topk/triton':>12} {'graph triton':>13} {'graph sort':>11} {'graph sort/triton':>18}")
     for r in results:
         print(f"{r['keys']:>7} {r['chunks']:>6} {r['triton_us']:>9.1f} {r['sort_topp_us']:>11.1f} "
-              f"{r['topk_us']:>10.1f} {r['sort_over_triton']:>12.2f} {r['topk_over_triton']:>12.2f}")
+              f"{r['topk_us']:>10.1f} {r['sort_over_triton']:>12.2f} {r['topk_over_triton']:>12.2f} "
+              f"{r['graph_triton_us']:>13.1f} {r['graph_sort_topp_us']:>11.1f} {r['graph_sort_over_triton']:>18.2f}")
     copy_bw = copy_bandwidth(dev)
     attn = bench_attention(dev, gen, [int(x) for x in args.contexts.split(",")], copy_bw)
     print(f"\nblock-sparse verification attention, bf16, head_dim 128, median us; copy bandwidth "
@@ -161,9 +182,87 @@ def main() -> None:
     for r in attn:
         print(f"{r['layout']:>6} {r['keys']:>7} {r['q_len']:>2} {r['density']:>7.2f} {r['dense_sdpa_us']:>8.1f} "
               f"{r['triton_sparse_us']:>8.1f} {r['speedup']:>8.2f} {r['selected_bw_frac']:>11.2f}")
+    overhead = selection_overhead(dev)
+    print(f"\nper layer at 32K keys, GQA 32/8, q_len 8, p=0.97 on a peaked row (CUDA graph, us): {overhead}")
+    fi = flashinfer_attempt(dev, gen)
+    print(f"\nFlashInfer: {json.dumps(fi)}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "copy_bw_bytes_s": copy_bw}
-    Path(args.out).write_text(json.dumps({"meta": meta, "selection": results, "attention": attn}, indent=1))
+    Path(args.out).write_text(json.dumps({"meta": meta, "selection": results, "attention": attn,
+                                          "selection_overhead_32k": overhead, "flashinfer": fi}, indent=1))
+
+
+def selection_overhead(dev: str) -> dict:
+    """Selection (one row: this layer's summed draft attention) + sparse attention vs the attention alone."""
+    tk, h, hkv, tq = 32768, 32, 8, 8
+    c = tk // 16
+    q = torch.randn(1, h, tq, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+    scores = torch.softmax(torch.randn(1, c, device=dev) * 4, -1)
+    p = torch.tensor([0.97], device=dev)
+    n_valid = torch.tensor([c], device=dev, dtype=torch.int32)
+    idx = torch.empty(1, c, dtype=torch.int32, device=dev)
+    cnt = torch.empty(1, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+
+    def select_and_attend():
+        topp_select_triton(scores, p, n_valid, keep_recent=1, out_idx=idx, out_count=cnt)
+        sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16, out=out)
+
+    select_and_attend()
+    density = float(cnt.item()) / c
+    t_attn = bench_graph(lambda: sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16, out=out), ())
+    t_both = bench_graph(select_and_attend, ())
+    t_sel = bench_graph(lambda: topp_select_triton(scores, p, n_valid, out_idx=idx, out_count=cnt), ())
+    t_dense = bench_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), ())
+    return {"density": density, "select_us": t_sel, "attention_us": t_attn, "select_plus_attention_us": t_both,
+            "dense_sdpa_us": t_dense, "selection_overhead_frac": (t_both - t_attn) / t_attn}
+
+
+def flashinfer_attempt(dev: str, gen: torch.Generator) -> dict:
+    """Try FlashInfer's BlockSparseAttentionWrapper (when carried): correctness at q_len 1, plan and run times."""
+    import time
+
+    try:
+        from specattn_runtime.sparse.flashinfer_backend import FlashInferSparse
+        import flashinfer
+
+        version = getattr(flashinfer, "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        return {"available": False, "error": repr(e)[:500]}
+    rows = []
+    for tk, hkv, tq in ((65536, 32, 1), (65536, 8, 1), (65536, 8, 8)):
+        try:
+            q = torch.randn(1, 32, tq, 128, device=dev, dtype=torch.bfloat16)
+            k = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+            v = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+            m = torch.rand(1, tk // 16, device=dev) < 0.25
+            m[:, 0] = True
+            m[:, -1] = True
+            idx, cnt = mask_to_indices(m)
+            fi = FlashInferSparse(dev)
+            t0 = time.perf_counter()
+            fi.plan(idx, cnt, q_len=tq, n_keys=tk, num_qo_heads=32, num_kv_heads=hkv, head_dim=128, chunk_size=16,
+                    dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            first_plan_s = time.perf_counter() - t0  # includes JIT compilation the first time
+            qf, kf, vf = q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(), \
+                v[0].transpose(0, 1).contiguous()
+            o = fi.run(qf, kf, vf)
+            err = None
+            if tq == 1:
+                ref = sparse_attention_reference(q.double(), k.double(), v.double(), m, 16)
+                err = float((o.transpose(0, 1)[None].double() - ref).norm() / ref.norm())
+            t_run = bench(lambda a, b, c_: fi.run(a, b, c_), [(qf, kf, vf)])
+            t_plan = bench(lambda i, n: fi.plan(i, n, q_len=tq, n_keys=tk, num_qo_heads=32, num_kv_heads=hkv,
+                                                head_dim=128, chunk_size=16, dtype=torch.bfloat16), [(idx, cnt)])
+            t_ours = bench(lambda i, n: sparse_attention_triton(q, k, v, i, n, chunk_size=16), [(idx, cnt)])
+            rows.append({"keys": tk, "kv_heads": hkv, "q_len": tq, "rel_err_q1": err, "first_plan_s": first_plan_s,
+                         "plan_us": t_plan, "run_us": t_run, "triton_us": t_ours})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"keys": tk, "kv_heads": hkv, "q_len": tq, "error": repr(e)[:800]})
+    return {"available": True, "version": version, "rows": rows}
 
 
 if __name__ == "__main__":

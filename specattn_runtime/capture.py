@@ -16,7 +16,7 @@ import torch
 from .pooling import pool_to_chunks
 
 ATTN_NAME = "specattn_record"
-_registered = False
+_registered: set[str] = set()
 
 
 @dataclass
@@ -82,14 +82,19 @@ def _record_attention(module, query, key, value, attention_mask, scaling=None, d
     return out, None
 
 
-def register() -> str:
-    """Register the recording attention (and its additive causal mask) with transformers; idempotent."""
-    global _registered
-    if not _registered:
+def register_attention(name: str, fn, mask: str) -> str:
+    """Register ``fn`` under ``name`` with transformers' ``AttentionInterface``, with the mask builder of the
+    built-in implementation ``mask`` (``"eager"``: additive float mask; ``"sdpa"``: boolean or None). Idempotent."""
+    if name not in _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        AttentionInterface.register(ATTN_NAME, _record_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
-        _registered = True
-    return ATTN_NAME
+        AttentionInterface.register(name, fn)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
+        _registered.add(name)
+    return name
+
+
+def register() -> str:
+    """Register the recording attention (always with an additive causal mask) with transformers."""
+    return register_attention(ATTN_NAME, _record_attention, mask="eager")

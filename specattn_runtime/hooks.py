@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .capture import softmax_attention
+from .capture import register_attention, softmax_attention
 from .pooling import pool_to_chunks
 from .sparse import sparse_attention
 
 ATTN_NAME = "specattn"
-_registered = False
 
 
 @dataclass
@@ -30,7 +29,8 @@ class StepState:
     chunk_size: int
     record_layers: frozenset[int] = frozenset()
     rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # draft layer -> [B, C_s] per draft step
-    chunk_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # target layer -> bool [B, C]
+    # target layer -> bool mask [B, C], or the selection kernel's compacted (idx [B, C], count [B])
+    chunk_masks: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     backend: str = "torch"
 
 
@@ -44,8 +44,13 @@ def _specattn_attention(module, query, key, value, attention_mask, scaling=None,
         st.rows.setdefault(layer, []).append(row)
         return out, None
     if st is not None and st.mode == "verify" and layer in st.chunk_masks:
-        out = sparse_attention(query, key, value, st.chunk_masks[layer], chunk_size=st.chunk_size, scale=scale,
-                               backend=st.backend)
+        sel = st.chunk_masks[layer]
+        if isinstance(sel, tuple):  # indices straight from the selection kernel: no mask, no host sync
+            from .sparse.triton_attn import sparse_attention_triton
+
+            out = sparse_attention_triton(query, key, value, *sel, chunk_size=st.chunk_size, scale=scale)
+        else:
+            out = sparse_attention(query, key, value, sel, chunk_size=st.chunk_size, scale=scale, backend=st.backend)
         return out.transpose(1, 2).contiguous(), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -54,13 +59,5 @@ def _specattn_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 def register() -> str:
-    """Register ``"specattn"`` (and SDPA's mask builder for it) with transformers; idempotent."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-        AttentionInterface.register(ATTN_NAME, _specattn_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
-        _registered = True
-    return ATTN_NAME
+    """Register ``"specattn"`` (with SDPA's mask builder) with transformers; idempotent."""
+    return register_attention(ATTN_NAME, _specattn_attention, mask="sdpa")

@@ -99,11 +99,14 @@ def _check_against_models(art: Artifact, draft_dir: Path, target_dir: Path, n_dr
 class SpecAttnRuntime:
     """Sparse speculative generation driven by a calibration artifact. Build with :meth:`from_artifact`."""
 
-    def __init__(self, artifact: Artifact, draft, target, tokenizer=None, *, backend: str = "torch",
+    def __init__(self, artifact: Artifact, draft, target, tokenizer=None, *, backend: str = "auto",
                  selection: str = "auto", exact_dense_shortcut: bool = True):
         self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
+        on_cuda = next(target.parameters()).is_cuda
         if selection == "auto":  # the Triton kernel where it compiles, the same search in torch elsewhere
-            selection = "triton" if next(target.parameters()).is_cuda else "threshold"
+            selection = "triton" if on_cuda else "threshold"
+        if backend == "auto":
+            backend = "triton" if on_cuda else "torch"
         self.backend, self.selection = backend, selection
         self.chunk_size = artifact.chunk_size
         self.layer_map = artifact.layer_map.tolist()
@@ -113,10 +116,11 @@ class SpecAttnRuntime:
         self.sparse_layers = [j for j, (i, p) in enumerate(zip(self.layer_map, self.top_p))
                               if i >= 0 and (p < 1.0 or not exact_dense_shortcut)]
         self.record_layers = frozenset(self.layer_map[j] for j in self.sparse_layers)
+        self._sparse_p = torch.tensor([self.top_p[j] for j in self.sparse_layers])
 
     @classmethod
     def from_artifact(cls, path: str | Path, *, draft: str | Path, target: str | Path, device: str = "cpu",
-                      dtype: torch.dtype = torch.float32, backend: str = "torch", selection: str = "auto",
+                      dtype: torch.dtype = torch.float32, backend: str = "auto", selection: str = "auto",
                       allow_mismatch: bool = False, **kwargs) -> "SpecAttnRuntime":
         """Load the artifact and both models, refusing models the artifact was not calibrated for.
 
@@ -141,10 +145,12 @@ class SpecAttnRuntime:
 
     # -- one speculative step, in small pieces -------------------------------------------------------------------
 
-    def _select(self, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int) -> dict[int, torch.Tensor]:
-        """Chunk masks ``{target layer: bool [1, C]}`` for the verification of the last ``n_verify`` of ``n_keys``."""
-        if not self.sparse_layers:
-            return {}
+    def _select(self, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
+        """Chunk selection per sparse target layer for verifying the last ``n_verify`` of ``n_keys`` positions.
+
+        Returns ``({target layer: selection}, counts)``: a selection is a bool mask ``[1, C]`` (torch backend) or
+        the kernel's compacted ``(idx [1, C], count [1])`` (triton); ``counts`` int ``[n_sparse]`` stays on device.
+        """
         c = -(-n_keys // self.chunk_size)
         scores = {}
         for i, rs in rows.items():  # sum of the k + 1 draft rows, each padded to the full chunk count
@@ -153,10 +159,16 @@ class SpecAttnRuntime:
                 acc[:, : r.shape[1]] += r
             scores[i] = acc
         s = torch.cat([scores[self.layer_map[j]] for j in self.sparse_layers])  # [n_sparse, C]
-        p = torch.tensor([self.top_p[j] for j in self.sparse_layers], device=s.device)
-        first_new_chunk = (n_keys - n_verify) // self.chunk_size  # every verified position's chunk stays
-        mask = select_chunks(s, p, method=self.selection, keep_recent=c - first_new_chunk)
-        return {j: mask[r : r + 1] for r, j in enumerate(self.sparse_layers)}
+        p = self._sparse_p.to(s.device)
+        recent = c - (n_keys - n_verify) // self.chunk_size  # every verified position's chunk stays
+        if self.backend == "triton" and self.selection == "triton":
+            from .selection.triton_select import topp_select_triton
+
+            n_valid = torch.full((s.shape[0],), c, dtype=torch.int32, device=s.device)
+            idx, count = topp_select_triton(s, p, n_valid, keep_recent=recent)
+            return {j: (idx[r : r + 1], count[r : r + 1]) for r, j in enumerate(self.sparse_layers)}, count
+        mask = select_chunks(s, p, method=self.selection, keep_recent=recent)
+        return {j: mask[r : r + 1] for r, j in enumerate(self.sparse_layers)}, mask.sum(-1)
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int = 256, *, k: int = 6, temperature: float = 0.0,
@@ -194,6 +206,7 @@ class SpecAttnRuntime:
             eos_token_id = self.tokenizer.eos_token_id
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         stats = GenerationStats(kv_read_sum=[0.0] * len(self.layer_map))
+        kv_read = torch.zeros(len(self.sparse_layers), dtype=torch.float64, device=dev)  # summed on device: no sync
         t_start = time.perf_counter()
 
         dcache, tcache = DynamicCache(config=self.draft.config), DynamicCache(config=self.target.config)
@@ -223,7 +236,7 @@ class SpecAttnRuntime:
             t1 = time.perf_counter()
             # 2. select chunks per sparse target layer
             n_keys = n + k  # keys the verification sees: the cache (n - 1) + cur + k drafted
-            masks = self._select(dstate.rows, n_keys, k + 1)
+            masks, counts = self._select(dstate.rows, n_keys, k + 1) if self.sparse_layers else ({}, None)
             t2 = time.perf_counter()
             # 3. verify k + 1 positions
             vstate = hooks.StepState("verify", self.chunk_size, chunk_masks=masks, backend=self.backend)
@@ -246,10 +259,9 @@ class SpecAttnRuntime:
             stats.steps += 1
             stats.drafted += k
             stats.accepted += n_acc
-            pad = -(-n_keys // self.chunk_size) * self.chunk_size - n_keys  # the newest chunk is always read
-            for j in range(len(self.layer_map)):
-                m = masks.get(j)
-                stats.kv_read_sum[j] += 1.0 if m is None else (int(m.sum()) * self.chunk_size - pad) / n_keys
+            if counts is not None:
+                pad = -(-n_keys // self.chunk_size) * self.chunk_size - n_keys  # the newest chunk is always read
+                kv_read += (counts.double() * self.chunk_size - pad) / n_keys
             stats.time_draft += t1 - t0
             stats.time_select += t2 - t1
             stats.time_verify += t3 - t2
@@ -262,6 +274,9 @@ class SpecAttnRuntime:
                 on_tokens(new)
             if eos_token_id is not None and new and new[-1] == eos_token_id:
                 break
+        stats.kv_read_sum = [float(stats.steps)] * len(self.layer_map)  # dense layers read everything
+        for j, v in zip(self.sparse_layers, kv_read.tolist()):
+            stats.kv_read_sum[j] = v
         stats.new_tokens = len(out)
         stats.time_total = time.perf_counter() - t_start
         return GenerationOutput(out, stats)

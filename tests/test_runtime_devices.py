@@ -27,7 +27,7 @@ def tiny_llama(n_layers: int, seed: int, device: str):
     return LlamaForCausalLM(cfg).to(device).eval()
 
 
-def runtime(device: str, top_p: float, exact_dense_shortcut=True) -> SpecAttnRuntime:
+def runtime(device: str, top_p: float, exact_dense_shortcut=True, **kw) -> SpecAttnRuntime:
     import dataclasses
 
     art = make_artifact(n_t=4, n_d=2, dense=1)
@@ -35,19 +35,24 @@ def runtime(device: str, top_p: float, exact_dense_shortcut=True) -> SpecAttnRun
                               top_p=torch.tensor([1.0, top_p, top_p, top_p]),
                               metadata={**art.metadata, "dense_layers": "1"})
     return SpecAttnRuntime(art, tiny_llama(2, 1, device), tiny_llama(4, 2, device),
-                           exact_dense_shortcut=exact_dense_shortcut)
+                           exact_dense_shortcut=exact_dense_shortcut, **kw)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_p1_through_sparse_path_equals_greedy(device):
-    rt = runtime(device, 1.0, exact_dense_shortcut=False)
-    assert rt.selection == ("triton" if device == "cuda" else "threshold")
-    prompt = torch.randint(0, 512, (700,), generator=torch.Generator().manual_seed(3)).tolist()
-    out = rt.generate(prompt, 40, k=5, eos_token_id=None)
+# On CPU the kernels path runs in Triton's interpreter: the same code CUDA runs compiled.
+@pytest.mark.parametrize("device,kernels", [(d, k) for d in DEVICES for k in (False, True)])
+def test_p1_through_sparse_path_equals_greedy(device, kernels):
+    kw = {"backend": "triton", "selection": "triton"} if kernels else {}
+    rt = runtime(device, 1.0, exact_dense_shortcut=False, **kw)
+    if not kernels:
+        assert rt.selection == ("triton" if device == "cuda" else "threshold")
+        assert rt.backend == ("triton" if device == "cuda" else "torch")
+    n_prompt, n_new = (200, 10) if kernels and device == "cpu" else (700, 40)  # the interpreter is slow
+    prompt = torch.randint(0, 512, (n_prompt,), generator=torch.Generator().manual_seed(3)).tolist()
+    out = rt.generate(prompt, n_new, k=5, eos_token_id=None)
     with torch.no_grad():
         ids = torch.tensor([prompt], device=device)  # explicit mask: token 0 in a random prompt is not padding
-        ref = rt.target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, 700:].tolist()
+        ref = rt.target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, n_prompt:].tolist()
     assert out.tokens == ref
     assert out.stats.kv_read_fraction == pytest.approx([1.0] * 4)
 

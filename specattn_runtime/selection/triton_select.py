@@ -42,7 +42,7 @@ def topp_select_triton(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Ten
 def indices_to_mask(idx: torch.Tensor, count: torch.Tensor, n_chunks: int) -> torch.Tensor:
     """Compacted selection -> bool mask ``[rows, n_chunks]`` (for the torch backend and for tests)."""
     slots = torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None].long()
-    mask = torch.zeros(idx.shape[0], n_chunks, dtype=torch.bool, device=idx.device)
-    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
-    mask[rows[slots], idx[slots].long()] = True
-    return mask
+    # unused slots scatter into a spare column that is dropped: no boolean indexing, so no host sync
+    target = torch.where(slots, idx.long(), n_chunks)
+    mask = torch.zeros(idx.shape[0], n_chunks + 1, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(1, target, True)[:, :n_chunks]

@@ -10,7 +10,7 @@ import torch
 
 from .reference import key_mask_from_chunks, sparse_attention_reference
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "flashinfer")
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_mask: torch.Tensor, *,
@@ -23,6 +23,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_ma
 
         idx, count = mask_to_indices(chunk_mask)
         return sparse_attention_triton(q, k, v, idx, count, chunk_size=chunk_size, scale=scale)
+    if backend == "flashinfer":
+        from .flashinfer_backend import available, sparse_attention_flashinfer
+
+        if not available():
+            raise ValueError("backend 'flashinfer' needs the flashinfer package (pip install specattn[gpu])")
+        return sparse_attention_flashinfer(q, k, v, chunk_mask, chunk_size=chunk_size, scale=scale)
     raise ValueError(f"unknown or unavailable sparse-attention backend {backend!r}; available: {BACKENDS}")
 
 
