@@ -117,6 +117,8 @@ class SpecAttnRuntime:
                               if i >= 0 and (p < 1.0 or not exact_dense_shortcut)]
         self.record_layers = frozenset(self.layer_map[j] for j in self.sparse_layers)
         self._sparse_p = torch.tensor([self.top_p[j] for j in self.sparse_layers])
+        # GPU work is asynchronous: the time split is only honest if each phase has finished when it is read.
+        self._sync = torch.cuda.synchronize if on_cuda else (lambda: None)
 
     @classmethod
     def from_artifact(cls, path: str | Path, *, draft: str | Path, target: str | Path, device: str = "cpu",
@@ -205,7 +207,7 @@ class SpecAttnRuntime:
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        stats = GenerationStats(kv_read_sum=[0.0] * len(self.layer_map))
+        stats = GenerationStats()
         kv_read = torch.zeros(len(self.sparse_layers), dtype=torch.float64, device=dev)  # summed on device: no sync
         t_start = time.perf_counter()
 
@@ -217,6 +219,7 @@ class SpecAttnRuntime:
         out: list[int] = []
         while len(out) < max_new_tokens:
             # 1. draft k tokens (+ one forward that only fills the cache and records the last row)
+            self._sync()
             t0 = time.perf_counter()
             dstate = hooks.StepState("draft", self.chunk_size, record_layers=self.record_layers)
             drafted, q_probs, tok = [], [], cur
@@ -233,15 +236,18 @@ class SpecAttnRuntime:
                 drafted.append(nxt)
                 tok = nxt.view(1, 1)
             drafted_t = torch.cat(drafted)  # [k]
+            self._sync()
             t1 = time.perf_counter()
             # 2. select chunks per sparse target layer
             n_keys = n + k  # keys the verification sees: the cache (n - 1) + cur + k drafted
             masks, counts = self._select(dstate.rows, n_keys, k + 1) if self.sparse_layers else ({}, None)
+            self._sync()
             t2 = time.perf_counter()
             # 3. verify k + 1 positions
             vstate = hooks.StepState("verify", self.chunk_size, chunk_masks=masks, backend=self.backend)
             block = torch.cat([cur.view(1), drafted_t]).view(1, -1)
             tlogits = self.target(block, past_key_values=tcache, use_cache=True, specattn_state=vstate).logits[0]
+            self._sync()
             t3 = time.perf_counter()
             # 4. accept, then roll both caches back to the accepted prefix
             if temperature > 0:
