@@ -44,13 +44,8 @@ def _specattn_attention(module, query, key, value, attention_mask, scaling=None,
         st.rows.setdefault(layer, []).append(row)
         return out, None
     if st is not None and st.mode == "verify" and layer in st.chunk_masks:
-        sel = st.chunk_masks[layer]
-        if isinstance(sel, tuple):  # indices straight from the selection kernel: no mask, no host sync
-            from .sparse.triton_attn import sparse_attention_triton
-
-            out = sparse_attention_triton(query, key, value, *sel, chunk_size=st.chunk_size, scale=scale)
-        else:
-            out = sparse_attention(query, key, value, sel, chunk_size=st.chunk_size, scale=scale, backend=st.backend)
+        out = sparse_attention(query, key, value, st.chunk_masks[layer], chunk_size=st.chunk_size, scale=scale,
+                               backend=st.backend)
         return out.transpose(1, 2).contiguous(), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -73,3 +73,15 @@ def test_triton_kernel_matches_naive(b, h, hkv, tq, tk, d, splits, gen):
     ref = naive(q.cpu().double(), k.cpu().double(), v.cpu().double(), mask, 16)
     err = (out.cpu().double() - ref).norm() / ref.norm()
     assert err < (5e-3 if dtype == torch.float16 else 1e-5), f"relative error {err:.2e}"
+
+
+def test_index_and_mask_selections_agree(gen):
+    """Both selection forms reach every backend: a kernel's (idx, count) and a bool mask give the same output."""
+    from specattn_runtime.sparse.triton_attn import mask_to_indices
+
+    q, k, v = (torch.randn(1, 4, 3, 16, generator=gen), torch.randn(1, 2, 70, 16, generator=gen),
+               torch.randn(1, 2, 70, 16, generator=gen))
+    mask = torch.tensor([[True, False, True, False, True]])
+    by_mask = sparse_attention(q, k, v, mask, chunk_size=16)
+    by_idx = sparse_attention(q, k, v, mask_to_indices(mask), chunk_size=16)
+    torch.testing.assert_close(by_idx, by_mask, rtol=0, atol=0)

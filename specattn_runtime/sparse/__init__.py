@@ -13,16 +13,28 @@ from .reference import key_mask_from_chunks, sparse_attention_reference
 BACKENDS = ("torch", "triton", "flashinfer")
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_mask: torch.Tensor, *,
+Selection = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection, *,
                      chunk_size: int, scale: float | None = None, backend: str = "torch") -> torch.Tensor:
-    """See :func:`sparse_attention_reference` for shapes; ``backend`` picks the implementation."""
-    if backend == "torch":
-        return sparse_attention_reference(q, k, v, chunk_mask, chunk_size, scale)
+    """See :func:`sparse_attention_reference` for shapes; ``backend`` picks the implementation.
+
+    ``selection`` is a bool chunk mask ``[B, C]`` or the selection kernel's compacted ``(idx [B, C], count [B])``;
+    each backend converts only when its own form differs (the Triton path from kernel indices converts nothing).
+    """
     if backend == "triton":
         from .triton_attn import mask_to_indices, sparse_attention_triton
 
-        idx, count = mask_to_indices(chunk_mask)
+        idx, count = selection if isinstance(selection, tuple) else mask_to_indices(selection)
         return sparse_attention_triton(q, k, v, idx, count, chunk_size=chunk_size, scale=scale)
+    chunk_mask = selection
+    if isinstance(selection, tuple):
+        from ..selection.triton_select import indices_to_mask
+
+        chunk_mask = indices_to_mask(*selection, n_chunks=-(-k.shape[2] // chunk_size))
+    if backend == "torch":
+        return sparse_attention_reference(q, k, v, chunk_mask, chunk_size, scale)
     if backend == "flashinfer":
         from .flashinfer_backend import available, sparse_attention_flashinfer
 
