@@ -1,7 +1,7 @@
 """Block-sparse verification attention behind one function with an explicit ``backend``.
 
-``torch`` (masked SDPA, exact, runs everywhere) and ``triton`` (split-K kernel reading compacted chunk indices;
-CUDA, or the Triton interpreter on CPU). FlashInfer plugs in here with the same contract.
+``torch`` (masked SDPA, exact, runs everywhere), ``triton`` (split-K kernel reading compacted chunk indices;
+CUDA, or the Triton interpreter on CPU) and ``flashinfer`` (``BlockSparseAttentionWrapper``, when installed).
 """
 
 from __future__ import annotations
