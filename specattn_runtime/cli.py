@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of tokens (not KV selection)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--backend", default="torch", help="sparse attention backend: torch|triton|flashinfer")
+    g.add_argument("--backend", default="auto",
+                   help="sparse attention backend: auto (triton on CUDA, torch elsewhere)|torch|triton|flashinfer")
     g.add_argument("--device", default="cpu")
     g.add_argument("--allow-mismatch", action="store_true", help="accept models whose hashes differ")
     args = ap.parse_args(argv)

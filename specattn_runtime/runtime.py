@@ -150,8 +150,9 @@ class SpecAttnRuntime:
     def _select(self, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
         """Chunk selection per sparse target layer for verifying the last ``n_verify`` of ``n_keys`` positions.
 
-        Returns ``({target layer: selection}, counts)``: a selection is a bool mask ``[1, C]`` (torch backend) or
-        the kernel's compacted ``(idx [1, C], count [1])`` (triton); ``counts`` int ``[n_sparse]`` stays on device.
+        Returns ``({target layer: selection}, counts)``: a selection is the Triton kernel's compacted
+        ``(idx [1, C], count [1])`` or, for the torch methods, a bool mask ``[1, C]``; ``sparse_attention`` takes
+        either form. ``counts`` int ``[n_sparse]`` stays on device.
         """
         c = -(-n_keys // self.chunk_size)
         scores = {}
@@ -163,7 +164,7 @@ class SpecAttnRuntime:
         s = torch.cat([scores[self.layer_map[j]] for j in self.sparse_layers])  # [n_sparse, C]
         p = self._sparse_p.to(s.device)
         recent = c - (n_keys - n_verify) // self.chunk_size  # every verified position's chunk stays
-        if self.backend == "triton" and self.selection == "triton":
+        if self.selection == "triton":
             from .selection.triton_select import topp_select_triton
 
             n_valid = torch.full((s.shape[0],), c, dtype=torch.int32, device=s.device)
