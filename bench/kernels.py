@@ -10,6 +10,7 @@ against the sort reference on fresh random inputs (a benchmark of a wrong kernel
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -65,16 +66,16 @@ def bench_graph(fn, args, calls: int = 20) -> float:
 
 
 def check(dev: str, gen: torch.Generator) -> None:
-    for rows, c in ((256, 128), (64, 2048), (16, 8192)):
+    for (rows, c), bits in itertools.product(((256, 128), (64, 2048), (16, 8192)), (None, 1, 2, 4)):
         scores = torch.softmax(torch.randn(rows, c, generator=gen) * 4, -1)
         p = torch.rand(rows, generator=gen) * 0.5 + 0.5
         n_valid = torch.randint(1, c + 1, (rows,), generator=gen)
-        idx, cnt = topp_select_triton(scores.to(dev), p.to(dev), n_valid.to(dev))
+        idx, cnt = topp_select_triton(scores.to(dev), p.to(dev), n_valid.to(dev), radix_bits=bits)
         ref = select_chunks(scores.double().float(), p, n_valid, method="sort")
         got = indices_to_mask(idx.cpu(), cnt.cpu(), c)
         bad = int((got != ref).any(-1).sum())
         kept = (scores.double() * got).sum(-1) / scores.double().sum(-1)
-        print(f"check rows={rows} chunks={c}: {bad} rows differ from the sort reference, "
+        print(f"check rows={rows} chunks={c} bits/pass={bits or 'default'}: {bad} rows differ from the sort reference, "
               f"min kept mass - p = {float((kept - p.double()).min()):.2e}")
         # float32 sums on device vs float64 cumsum in the reference may split a boundary tie; more is a bug
         if bad > rows // 100:
@@ -140,13 +141,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench/kernels.json")
     ap.add_argument("--rows", type=int, default=32 * 8, help="layers x queries")
     ap.add_argument("--contexts", default="4096,16384,65536,131072")
+    ap.add_argument("--sections", default="selection,attention,overhead,flashinfer",
+                    help="comma-separated subset to run")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     dev = "cuda"
     gen = torch.Generator().manual_seed(0)
     check(dev, gen)
     check_attention(dev, gen)
-    results = []
-    for keys in (2048, 8192, 32768, 131072):
+    results, attn, overhead, fi, copy_bw = [], [], {}, {}, copy_bandwidth(dev)
+    for keys in ((2048, 8192, 32768, 131072) if "selection" in sections else ()):
         c = keys // 16
         sets = []
         for _ in range(4):
@@ -161,7 +165,11 @@ def main() -> None:
         t_topk = bench(lambda s, p, n: torch.topk(s, k, dim=-1), sets)
         g_triton = bench_graph(lambda s, p, n: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), sets[0])
         g_sort = bench_graph(lambda s, p, n: sort_topp(s, p), sets[0])
+        # the same kernel with 1 (bisection), 2 and 4 threshold bits per dependent pass, side by side
+        radix = {b: bench_graph(lambda s, p, n, b=b: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt,
+                                                                        radix_bits=b), sets[0]) for b in (1, 2, 4)}
         row = {"keys": keys, "chunks": c, "rows": args.rows, "triton_us": t_triton, "sort_topp_us": t_sort,
+               "graph_triton_us_by_radix_bits": radix,
                "topk_us": t_topk, "sort_over_triton": t_sort / t_triton, "topk_over_triton": t_topk / t_triton,
                "graph_triton_us": g_triton, "graph_sort_topp_us": g_sort, "graph_sort_over_triton": g_sort / g_triton}
         results.append(row)
@@ -172,9 +180,10 @@ def main() -> None:
     for r in results:
         print(f"{r['keys']:>7} {r['chunks']:>6} {r['triton_us']:>9.1f} {r['sort_topp_us']:>11.1f} "
               f"{r['topk_us']:>10.1f} {r['sort_over_triton']:>12.2f} {r['topk_over_triton']:>12.2f} "
-              f"{r['graph_triton_us']:>13.1f} {r['graph_sort_topp_us']:>11.1f} {r['graph_sort_over_triton']:>18.2f}")
-    copy_bw = copy_bandwidth(dev)
-    attn = bench_attention(dev, gen, [int(x) for x in args.contexts.split(",")], copy_bw)
+              f"{r['graph_triton_us']:>13.1f} {r['graph_sort_topp_us']:>11.1f} {r['graph_sort_over_triton']:>18.2f}"
+              f"   graph us by bits/pass: {r['graph_triton_us_by_radix_bits']}")
+    if "attention" in sections:
+        attn = bench_attention(dev, gen, [int(x) for x in args.contexts.split(",")], copy_bw)
     print(f"\nblock-sparse verification attention, bf16, head_dim 128, median us; copy bandwidth "
           f"{copy_bw / 1e12:.2f} TB/s; dense = SDPA over all keys")
     print(f"{'layout':>6} {'keys':>7} {'q':>2} {'density':>7} {'dense':>8} {'sparse':>8} {'speedup':>8} "
@@ -182,25 +191,29 @@ def main() -> None:
     for r in attn:
         print(f"{r['layout']:>6} {r['keys']:>7} {r['q_len']:>2} {r['density']:>7.2f} {r['dense_sdpa_us']:>8.1f} "
               f"{r['triton_sparse_us']:>8.1f} {r['speedup']:>8.2f} {r['selected_bw_frac']:>11.2f}")
-    overhead = selection_overhead(dev)
-    print(f"\nper layer at 32K keys, GQA 32/8, q_len 8, p=0.97 on a peaked row (CUDA graph, us): {overhead}")
-    fi = flashinfer_attempt(dev, gen)
-    print(f"\nFlashInfer: {json.dumps(fi)}")
+    if "overhead" in sections:
+        overhead = {name: selection_overhead(dev, sharpness, p) for name, sharpness, p in
+                    (("peaked_p0.97", 4.0, 0.97), ("flat_p0.3", 0.5, 0.3))}
+        print(f"\nper layer at 32K keys, GQA 32/8, q_len 8 (CUDA graph, us): {json.dumps(overhead, indent=1)}")
+    if "flashinfer" in sections:
+        fi = flashinfer_attempt(dev, gen)
+        print(f"\nFlashInfer: {json.dumps(fi)}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "copy_bw_bytes_s": copy_bw}
     Path(args.out).write_text(json.dumps({"meta": meta, "selection": results, "attention": attn,
                                           "selection_overhead_32k": overhead, "flashinfer": fi}, indent=1))
 
 
-def selection_overhead(dev: str) -> dict:
-    """Selection (one row: this layer's summed draft attention) + sparse attention vs the attention alone."""
+def selection_overhead(dev: str, sharpness: float, p_value: float) -> dict:
+    """Selection (one row: this layer's summed draft attention) + sparse attention vs the attention alone.
+    ``sharpness`` scales the random logits of the row (peaked vs flat: low vs ~25% density)."""
     tk, h, hkv, tq = 32768, 32, 8, 8
     c = tk // 16
     q = torch.randn(1, h, tq, 128, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
     v = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
-    scores = torch.softmax(torch.randn(1, c, device=dev) * 4, -1)
-    p = torch.tensor([0.97], device=dev)
+    scores = torch.softmax(torch.randn(1, c, device=dev) * sharpness, -1)
+    p = torch.tensor([p_value], device=dev)
     n_valid = torch.tensor([c], device=dev, dtype=torch.int32)
     idx = torch.empty(1, c, dtype=torch.int32, device=dev)
     cnt = torch.empty(1, dtype=torch.int32, device=dev)

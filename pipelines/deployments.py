@@ -3,6 +3,7 @@
 - ``calibrate/default``: on demand (``prefect deployment run calibrate/default``), the quick pair by default.
 - ``calibrate/scheduled-recalibration``: on a cron schedule (default weekly, Sunday 03:00 UTC); finishes early
   when models, corpus and parameters are unchanged since ``latest``, otherwise writes a new versioned artifact.
+- ``evaluate/default``: the quality evaluation of ``<output_dir>/<preset>/latest.safetensors`` on demand.
 
 ``python -m pipelines.deployments [--cron "..."] [--output-dir DIR]`` registers both with the Prefect server
 named by ``PREFECT_API_URL`` and executes their runs until stopped (Ctrl-C). Schedules fire only against a real
@@ -17,6 +18,7 @@ import os
 from prefect import serve
 
 from .calibrate import calibrate
+from .evaluate import evaluate
 
 DEFAULT_CRON = "0 3 * * 0"
 
@@ -29,6 +31,9 @@ def build_deployments(output_dir: str, cron: str = DEFAULT_CRON, preset: str = "
         calibrate.to_deployment(name="scheduled-recalibration", cron=cron,
                                 parameters={**common, "skip_if_unchanged": True},
                                 description="Recalibrate on a schedule; skips when nothing changed."),
+        evaluate.to_deployment(name="default", parameters={
+            "preset": preset, "artifact": os.path.join(output_dir, preset, "latest.safetensors")},
+            description="Quality table, JSON and trade-off plot for the latest artifact."),
     ]
 
 

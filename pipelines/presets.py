@@ -38,3 +38,15 @@ PAIRS: dict[str, PairPreset] = {
         description="Qwen2.5-Coder-0.5B-Instruct draft, Qwen2.5-Coder-1.5B-Instruct target (the faithful pair)",
     ),
 }
+
+
+def resolve_pair(preset: str | None, draft: str | None, target: str | None) -> tuple[str, str, str]:
+    """``(draft_dir, target_dir, pair_name)`` from two local model directories or a preset (fetched if needed)."""
+    if draft and target:
+        return draft, target, preset or f"{Path(draft).name}__{Path(target).name}"
+    if draft or target:
+        raise ValueError("pass both draft and target model paths, or neither (and a preset)")
+    if preset not in PAIRS:
+        raise ValueError(f"unknown preset {preset!r}; presets are {sorted(PAIRS)}, or pass draft= and target=")
+    d, t = PAIRS[preset].ensure()
+    return str(d), str(t), preset

@@ -56,18 +56,20 @@ def softmax_attention(query, key, value, attention_mask, scale):
     query ``[B, H, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; attention_mask additive ``[B, 1, Tq, Tk]`` or None
     (then causal with the queries at the last ``Tq`` positions). Returns ``([B, Tq, H, D], [B, H, Tq, Tk])``.
     """
-    n_rep = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
-    v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
-    logits = torch.matmul(query, k.transpose(2, 3)) * scale
-    tq, tk = query.shape[2], k.shape[2]
+    b, h, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    # GQA without repeating K/V: the query heads of one KV group are consecutive (head i reads KV head i // rep),
+    # so fold them into the query axis. Repeating would copy the whole cache of every recorded layer per step.
+    qg = query.reshape(b, hkv, (h // hkv) * tq, d)
+    logits = torch.matmul(qg, key.transpose(2, 3)).view(b, h, tq, tk) * scale
     if attention_mask is not None:
         logits = logits + attention_mask[..., :tk]
     elif tq > 1:
         causal = torch.arange(tk, device=query.device)[None, :] <= torch.arange(tk - tq, tk, device=query.device)[:, None]
         logits = logits.masked_fill(~causal, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+    out = torch.matmul(probs.view(b, hkv, (h // hkv) * tq, tk), value).view(b, h, tq, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), probs
 
 
 def _record_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

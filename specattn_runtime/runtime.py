@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import hooks
+from .cache import preallocated_cache
 from .artifact import Artifact, load_artifact
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
@@ -35,6 +36,7 @@ class GenerationStats:
     time_draft: float = 0.0
     time_select: float = 0.0
     time_verify: float = 0.0
+    time_prefill: float = 0.0
     time_total: float = 0.0
     new_tokens: int = 0
 
@@ -56,13 +58,21 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return self.new_tokens / max(self.time_total, 1e-9)
 
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second after the prompt is prefilled (what long-context decoding speed means)."""
+        return self.new_tokens / max(self.time_total - self.time_prefill, 1e-9)
+
     def summary(self) -> dict:
         kv = self.kv_read_fraction
         return {"new_tokens": self.new_tokens, "steps": self.steps, "mean_accepted_length": self.mean_accepted_length,
                 "acceptance_rate": self.acceptance_rate, "kv_read_mean": sum(kv) / max(len(kv), 1),
-                "tokens_per_second": self.tokens_per_second, "time_draft": self.time_draft,
+                "tokens_per_second": self.tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second, "time_prefill": self.time_prefill,
+                "time_draft": self.time_draft,
                 "time_select": self.time_select, "time_verify": self.time_verify,
-                "time_other": self.time_total - self.time_draft - self.time_select - self.time_verify}
+                "time_other": self.time_total - self.time_prefill - self.time_draft - self.time_select
+                - self.time_verify}
 
 
 @dataclass
@@ -71,7 +81,7 @@ class GenerationOutput:
     stats: GenerationStats
 
 
-def _check_against_models(art: Artifact, draft_dir: Path, target_dir: Path, n_draft: int, n_target: int,
+def check_against_models(art: Artifact, draft_dir: Path, target_dir: Path, n_draft: int, n_target: int,
                           allow_mismatch: bool) -> None:
     """Layer counts always; config/weights/tokenizer hashes unless ``allow_mismatch``. Errors name both sides."""
     if art.n_target_layers != n_target:
@@ -140,7 +150,7 @@ class SpecAttnRuntime:
         name = hooks.register()
         draft_model = load_causal_lm(d, role="draft", dtype=dtype, device=device, attn_implementation=name)
         target_model = load_causal_lm(t, role="target", dtype=dtype, device=device, attn_implementation=name)
-        _check_against_models(art, d, t, draft_model.config.num_hidden_layers, target_model.config.num_hidden_layers,
+        check_against_models(art, d, t, draft_model.config.num_hidden_layers, target_model.config.num_hidden_layers,
                               allow_mismatch)
         return cls(art, draft_model, target_model, load_tokenizer(t, "target"), backend=backend, selection=selection,
                    **kwargs)
@@ -173,7 +183,16 @@ class SpecAttnRuntime:
         mask = select_chunks(s, p, method=self.selection, keep_recent=recent)
         return {j: mask[r : r + 1] for r, j in enumerate(self.sparse_layers)}, mask.sum(-1)
 
-    @torch.no_grad()
+    def _accept(self, drafted: torch.Tensor, q_probs: list[torch.Tensor], tlogits: torch.Tensor,
+                temperature: float, top_p: float, gen) -> tuple[int, int]:
+        """``(accepted drafts, next token)``: greedy, or rejection sampling when ``temperature > 0``.
+
+        Benchmarks with random weights override this to force an acceptance length (``bench/e2e.py``).
+        """
+        if temperature > 0:
+            return speculative_accept(drafted, torch.stack(q_probs), logits_to_probs(tlogits, temperature, top_p), gen)
+        return greedy_accept(drafted, tlogits)
+
     def generate(self, prompt_ids, max_new_tokens: int = 256, *, k: int = 6, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_id: int | None = None, seed: int | None = None,
                  on_tokens=None) -> GenerationOutput:
@@ -191,9 +210,21 @@ class SpecAttnRuntime:
             Defaults to the tokenizer's; generation stops after emitting it.
         on_tokens : callable, optional
             Called with each step's list of new tokens (for streaming).
-        """
-        from transformers import DynamicCache
 
+        On CUDA the dense layers' SDPA runs without the cuDNN backend, scoped to this call: cuDNN builds a new
+        plan for every KV length, ~1.4 ms of host time per layer and step on an H100 (bench/RESULTS.md).
+        """
+        args = (prompt_ids, max_new_tokens, k, temperature, top_p, eos_token_id, seed, on_tokens)
+        if not next(self.target.parameters()).is_cuda:
+            return self._generate(*args)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return self._generate(*args)
+
+    @torch.no_grad()
+    def _generate(self, prompt_ids, max_new_tokens, k, temperature, top_p, eos_token_id, seed,
+                  on_tokens) -> GenerationOutput:
         dev = next(self.target.parameters()).device
         ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).reshape(1, -1)
         n = ids.shape[1]
@@ -212,10 +243,14 @@ class SpecAttnRuntime:
         kv_read = torch.zeros(len(self.sparse_layers), dtype=torch.float64, device=dev)  # summed on device: no sync
         t_start = time.perf_counter()
 
-        dcache, tcache = DynamicCache(config=self.draft.config), DynamicCache(config=self.target.config)
+        capacity = n + max_new_tokens + k + 1  # written in place: no per-step copy of the whole cache
+        dcache = preallocated_cache(self.draft.config.num_hidden_layers, capacity)
+        tcache = preallocated_cache(self.target.config.num_hidden_layers, capacity)
         if n > 1:  # prefill everything but the last token, densely; it is fed as the first query of step 1
             self.draft(ids[:, :-1], past_key_values=dcache, use_cache=True, logits_to_keep=1)
             self.target(ids[:, :-1], past_key_values=tcache, use_cache=True, logits_to_keep=1)
+        self._sync()
+        stats.time_prefill = time.perf_counter() - t_start
         cur = ids[:, -1:]
         out: list[int] = []
         while len(out) < max_new_tokens:
@@ -251,11 +286,7 @@ class SpecAttnRuntime:
             self._sync()
             t3 = time.perf_counter()
             # 4. accept, then roll both caches back to the accepted prefix
-            if temperature > 0:
-                p_probs = logits_to_probs(tlogits, temperature, top_p)
-                n_acc, nxt = speculative_accept(drafted_t, torch.stack(q_probs), p_probs, gen)
-            else:
-                n_acc, nxt = greedy_accept(drafted_t, tlogits)
+            n_acc, nxt = self._accept(drafted_t, q_probs, tlogits, temperature, top_p, gen)
             new = drafted_t[:n_acc].tolist() + [nxt]
             if n_acc < k:  # both caches hold n + k positions; drop the k - n_acc rejected ones
                 dcache.crop(n_acc - k)

@@ -42,3 +42,22 @@ def prefect_harness():
 def gen() -> torch.Generator:
     """A freshly seeded generator per test: inputs differ between tests, runs are reproducible."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.fixture(scope="session")
+def calibrated_quick(prefect_harness, quick_pair, tmp_path_factory) -> str:
+    """A real (small) calibration of the quick pair: the artifact path. Shared by evaluation and notebook tests."""
+    from pipelines.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("calibrated")
+    return calibrate(preset="quick", output_dir=str(out), window_tokens=256, num_windows=2, holdout_windows=1,
+                     queries_per_window=16)
+
+
+@pytest.fixture(scope="session")
+def quick_evaluation(calibrated_quick, tmp_path_factory) -> str:
+    """``evaluate --quick`` on that artifact: the evaluation JSON path."""
+    from pipelines.evaluate import evaluate
+
+    out = tmp_path_factory.mktemp("evaluation")
+    return evaluate(artifact=calibrated_quick, text_tokens=256, num_texts=2, quick=True, output_dir=str(out))

@@ -1,8 +1,12 @@
 """Triton kernel: sorting-free top-p chunk selection, one program per row, output compacted on device.
 
-Same algorithm as :mod:`.threshold` (exact 31-step binary search over the int32 bit patterns of the non-negative
-float32 scores), with the row held in registers: 31 masked reductions, no sort, no host sync. Selected chunk
-indices are written in increasing order with a prefix sum, followed by the per-row count.
+Same result as :mod:`.threshold` (an exact search over the int32 bit patterns of the non-negative float32 scores
+for the largest threshold whose mass still reaches ``p``), with the row held in registers, no sort, no host sync.
+The search is radix-``2**RADIX_BITS``: each pass fixes ``RADIX_BITS`` more bits of the threshold by evaluating all
+``2**RADIX_BITS`` candidates in one 2-D masked reduction, so 31 bits take ``ceil(31 / RADIX_BITS)`` dependent
+passes instead of 31 (``RADIX_BITS = 1`` is plain bisection). The time of this kernel is the latency of those
+dependent reductions, so fewer, wider passes are what make it fast. Selected chunk indices are written in
+increasing order with a prefix sum, followed by the per-row count.
 """
 
 import triton
@@ -13,7 +17,7 @@ import triton.language as tl
 def _topp_select_kernel(
     scores_ptr, p_ptr, n_valid_ptr, idx_ptr, count_ptr,
     n_chunks, stride_s, stride_i,
-    KEEP_SINK: tl.constexpr, KEEP_RECENT: tl.constexpr, BLOCK: tl.constexpr,
+    KEEP_SINK: tl.constexpr, KEEP_RECENT: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -32,16 +36,21 @@ def _topp_select_kernel(
     total = tl.sum(s, axis=0)
     target = p * total
     forced_mass = tl.sum(tl.where(forced, s, 0.0), axis=0)
-    # invariant: mass(lo) >= target; hi = 2**31 is past every pattern
+    # Invariant: mass(lo) >= target (lo = 0 takes every chunk). Each pass tries lo + d << shift for every digit d
+    # and keeps the largest that still reaches the target; after the last pass lo is the exact threshold.
+    N_PASSES: tl.constexpr = (31 + RADIX_BITS - 1) // RADIX_BITS
+    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
     lo = tl.zeros((), dtype=tl.int64)
-    hi = tl.full((), 2147483648, dtype=tl.int64)
-    for _ in range(31):
-        mid = (lo + hi) // 2
-        mass = forced_mass + tl.sum(tl.where(bits.to(tl.int64) >= mid, free, 0.0), axis=0)
-        ok = mass >= target
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    take = (bits.to(tl.int64) >= lo) & ((bits > 0) | (lo == 0))
+    for i in tl.static_range(N_PASSES):
+        shift = RADIX_BITS * (N_PASSES - 1 - i)
+        cand = lo + (digits << shift)  # [RADIX] int64: may pass 2**31 in the top pass
+        in_range = cand < 2147483648
+        cand32 = tl.where(in_range, cand, 2147483647).to(tl.int32)  # past every finite float pattern
+        mass = forced_mass + tl.sum(tl.where(bits[None, :] >= cand32[:, None], free[None, :], 0.0), axis=1)
+        ok = (mass >= target) & in_range
+        lo = lo + (tl.max(tl.where(ok, digits, 0), axis=0) << shift)
+    lo32 = lo.to(tl.int32)
+    take = (bits >= lo32) & ((bits > 0) | (lo32 == 0))
     sel = (take & valid & ~forced) | forced
     sel = tl.where(forced_mass >= target, forced, sel)
     dense = (p >= 1.0) | (total <= 0.0)

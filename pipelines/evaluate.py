@@ -1,0 +1,255 @@
+"""The ``evaluate`` flow: how much KV can SpecAttn skip, and what does it cost in perplexity?
+
+An artifact, its model pair and long book text in; per method perplexity, increase over dense, KV reduction and
+chunks read out, as JSON + a markdown table (the paper's Table 1) + a trade-off PNG + Prefect artifacts. The
+protocol and the teacher-forced passes are in :mod:`pipelines.sparse_eval`; the methods:
+
+- rows of the table: dense; StreamingLLM and Quest with the chunk counts of calibrated SpecAttn; oracle top-p
+  with the calibrated p; SpecAttn with one global p (default 0.95 / 0.97 / 0.99, the paper's rows); SpecAttn
+  with the artifact's calibrated per-layer p;
+- curves (``--quick`` skips them): calibrated SpecAttn with matched StreamingLLM / Quest at further recall
+  budgets, whose per-layer p is read off the artifact's calibration recall curves (:func:`p_for_recall`), plus
+  global p = 0.9.
+
+Run: ``python -m pipelines.evaluate`` (see ``--help``); ``bash scripts/evaluate.sh`` sets everything up first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from tqdm.auto import tqdm
+
+from specattn_runtime import capture
+from specattn_runtime.artifact import Artifact, load_artifact
+from specattn_runtime.models import check_model_dir, load_causal_lm, load_tokenizer, num_layers
+from specattn_runtime.runtime import check_against_models
+
+from . import quality_report, sparse_eval
+from .eval_text import book_windows, load_books
+from .presets import resolve_pair
+from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, Method
+
+DEFAULT_GLOBAL_P = (0.95, 0.97, 0.99)
+DEFAULT_CURVE_BUDGETS = (0.85, 0.98)
+
+
+def p_for_recall(p_grid: torch.Tensor, recall: torch.Tensor, budget: float) -> float:
+    """Smallest ``p`` whose calibration recall reaches ``budget``, linearly interpolated on the grid.
+
+    ``p_grid`` ``[G]`` increasing; ``recall`` ``[G]`` (non-decreasing in p). Budgets below the grid's first
+    recall give the first p; a budget never reached gives 1.0 (dense).
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"recall budget must lie in (0, 1], got {budget}")
+    above = (recall >= budget).nonzero()
+    if above.numel() == 0:
+        return 1.0
+    k = int(above[0])
+    if k == 0:
+        return float(p_grid[0])
+    r0, r1, p0, p1 = float(recall[k - 1]), float(recall[k]), float(p_grid[k - 1]), float(p_grid[k])
+    return p1 if r1 <= r0 else p0 + (p1 - p0) * (budget - r0) / (r1 - r0)
+
+
+def build_methods(art: Artifact, global_p: tuple[float, ...], curve_budgets: tuple[float, ...],
+                  quick: bool = False) -> list[Method]:
+    """The evaluated methods, in run order (a matched baseline follows the SpecAttn method it copies)."""
+    for p in global_p:
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"global p must lie in (0, 1], got {p}")
+    layer_map = art.layer_map.tolist()
+    dense_p = lambda p: tuple(1.0 if i < 0 else float(p) for i in layer_map)  # noqa: E731
+    objective = art.info("objective")
+    own_budget = float(objective.get("recall_budget") or 0.0)
+    calibrated = {own_budget: tuple(art.top_p.tolist())}
+    if not quick and {"p_grid", "recall"} <= set(art.curves):
+        for b in curve_budgets:
+            calibrated[b] = tuple(1.0 if i < 0 else p_for_recall(art.curves["p_grid"], art.curves["recall"][j], b)
+                                  for j, i in enumerate(layer_map))
+    methods = [Method("dense", "dense", in_table=True)]
+    for b, top_p in sorted(calibrated.items()):
+        row = b == own_budget
+        cal = f"specattn-cal-r{b:g}"
+        methods += [
+            Method(cal, "specattn", top_p, group=GROUP_CALIBRATED, x=b, in_table=row),
+            Method(f"streaming-cal-r{b:g}", "streaming", match=cal, group="StreamingLLM", x=b, in_table=row),
+            Method(f"quest-cal-r{b:g}", "quest", match=cal, group="Quest", x=b, in_table=row),
+        ]
+        if row:  # the upper bound once, at the artifact's own budget (each pass costs ~13 s per text on 2 cores)
+            methods.append(Method(f"oracle-cal-r{b:g}", "oracle", top_p, group="Oracle top-p (calibrated p)", x=b,
+                                  in_table=True))
+    sweep = sorted(set(global_p) | (set() if quick else {0.9}))
+    methods += [Method(f"specattn-p{p:g}", "specattn", dense_p(p), group=GROUP_GLOBAL, x=p, in_table=p in global_p)
+                for p in (global_p if quick else sweep)]
+    return methods
+
+
+def run_methods(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_map: list[int],
+                methods: list[Method], chunk_size: int, prefill_fraction: float, progress: bool = True) -> dict:
+    """Every method on every window (one teacher-forced pass each); the aggregated per-method summary."""
+    prefill = math.ceil(prefill_fraction * windows.shape[1])
+    target = load_causal_lm(target_dir, role="target", attn_implementation=sparse_eval.register())
+    draft = load_causal_lm(draft_dir, role="draft", attn_implementation=capture.register())
+    results = []
+    with tqdm(total=windows.shape[0] * len(methods), desc="evaluate", unit="pass", disable=not progress) as bar:
+        for w in windows:
+            results.append(sparse_eval.evaluate_window(target, draft, w, layer_map, methods, chunk_size, prefill,
+                                                       on_method=lambda name: bar.update(1)))
+    return sparse_eval.summarize(results, methods, layer_map)
+
+
+@task
+def holdout_perplexity(draft_dir: str, target_dir: str, windows_path: str, layer_map: list[int],
+                       top_p: list[float], chunk_size: int, prefill_fraction: float = 0.1) -> dict:
+    """Dense vs calibrated SpecAttn perplexity on the calibration holdout (what ``calibrate`` records)."""
+    from safetensors.torch import load_file
+
+    windows = load_file(windows_path)["holdout"]
+    methods = [Method("dense", "dense"), Method("specattn", "specattn", tuple(top_p))]
+    rows = run_methods(draft_dir, target_dir, windows, layer_map, methods, chunk_size, prefill_fraction,
+                       progress=False)
+    return {"perplexity_dense": rows["dense"]["perplexity"], "perplexity_sparse": rows["specattn"]["perplexity"],
+            "perplexity_increase": rows["specattn"]["perplexity_increase"],
+            "ppl_kv_reduction_all_layers": rows["specattn"]["kv_reduction_all_layers"]}
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    artifact: str = "artifacts/quick/latest.safetensors",
+    preset: str | None = "quick",
+    draft: str | None = None,
+    target: str | None = None,
+    text: str | None = None,
+    text_tokens: int = 2048,
+    num_texts: int = 4,
+    prefill_fraction: float = 0.1,
+    global_p: tuple[float, ...] = DEFAULT_GLOBAL_P,
+    curve_budgets: tuple[float, ...] = DEFAULT_CURVE_BUDGETS,
+    quick: bool = False,
+    output_dir: str | None = None,
+    allow_mismatch: bool = False,
+) -> str:
+    """Evaluate an artifact on long text; return the path of the evaluation JSON.
+
+    Parameters
+    ----------
+    artifact : str
+        Calibration artifact (``.safetensors``).
+    preset, draft, target : str, optional
+        The model pair the artifact was calibrated on (a shipped preset, or both local directories).
+    text : str, optional
+        ``.txt`` book(s); default: Jane Austen's six novels (Debian ``r-cran-janeaustenr``).
+    text_tokens, num_texts : int
+        Texts are ``num_texts`` windows of ``text_tokens`` tokens (the paper: 2048), books taken in turn.
+    prefill_fraction : float
+        Leading share of each text attended densely (the paper: 0.1); the rest is scored as decode steps.
+    global_p : tuple of float
+        Global-p SpecAttn rows (the paper's 0.95 / 0.97 / 0.99).
+    curve_budgets : tuple of float
+        Further recall budgets for the trade-off curves (per-layer p read off the artifact's recall curves).
+    quick : bool
+        Table rows only, no curves (tests, smoke runs).
+    output_dir : str, optional
+        Default ``<artifact folder>/evaluation/<artifact name>/``.
+    allow_mismatch : bool
+        Accept models whose hashes differ from the artifact's (layer counts must still match).
+    """
+    log = get_run_logger()
+    t_start = time.perf_counter()
+    if not 0.0 <= prefill_fraction < 1.0:
+        raise ValueError(f"prefill_fraction must lie in [0, 1), got {prefill_fraction}")
+    if num_texts < 1:
+        raise ValueError(f"num_texts must be >= 1, got {num_texts}")
+    art_path = Path(artifact).expanduser()
+    art = load_artifact(art_path)
+    if text_tokens < 2 * art.chunk_size or math.ceil(prefill_fraction * text_tokens) >= text_tokens - 1:
+        raise ValueError(f"text_tokens={text_tokens} is too short: it must hold two chunks of {art.chunk_size} "
+                         "and leave decode steps after the prefill")
+    draft_dir, target_dir, _ = resolve_pair(preset, draft, target)
+    draft_dir, target_dir = str(check_model_dir(draft_dir, "draft")), str(check_model_dir(target_dir, "target"))
+    check_against_models(art, Path(draft_dir), Path(target_dir), num_layers(draft_dir), num_layers(target_dir),
+                         allow_mismatch)
+    max_pos = json.loads((Path(target_dir) / "config.json").read_text()).get("max_position_embeddings")
+    if max_pos and text_tokens > max_pos:
+        raise ValueError(f"text_tokens={text_tokens} exceeds the target's context of {max_pos} tokens")
+    out = Path(output_dir).expanduser() if output_dir else art_path.resolve().parent / "evaluation" / art_path.resolve().stem
+
+    corpus_name, books = load_books(text)
+    tok = load_tokenizer(target_dir, "target")
+    # Only as much of each book as the windows can use: tokenizing whole novels costs seconds each.
+    chars = 8 * text_tokens * (num_texts // len(books) + 1)
+    ids = {k: tok(v[:chars], add_special_tokens=False).input_ids for k, v in books.items()}
+    windows, labels = book_windows(ids, text_tokens, num_texts)
+    methods = build_methods(art, tuple(global_p), tuple(curve_budgets), quick)
+    log.info("%d texts x %d tokens, %d methods (%d passes)", len(labels), text_tokens, len(methods),
+             len(labels) * len(methods))
+    rows = run_methods(draft_dir, target_dir, windows, art.layer_map.tolist(), methods, art.chunk_size,
+                       prefill_fraction)
+    seconds = time.perf_counter() - t_start
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "artifact": str(art_path.resolve()), "draft": draft_dir, "target": target_dir,
+        "text": {"corpus": corpus_name, "windows": labels, "tokens": text_tokens,
+                 "sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()},
+        "protocol": {"prefill_fraction": prefill_fraction, "chunk_size": art.chunk_size,
+                     "dense_layers": art.dense_layers, "quick": quick,
+                     "kv_reduction": "1 - keys read / keys visible, summed over scored queries"},
+        "layer_map": art.layer_map.tolist(), "top_p": art.top_p.tolist(),
+        "methods": rows, "table": quality_report.table_rows(rows),
+        "seconds": seconds, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    json_path = out / "evaluation.json"
+    _write_text(json_path, json.dumps(result, indent=1))
+    md = quality_report.markdown_table(rows)
+    _write_text(out / "table.md", md + "\n")
+    quality_report.plot_tradeoff(rows, out / "tradeoff.png", title=f"{art_path.name}: {corpus_name}, "
+                                 f"{len(labels)} x {text_tokens} tokens")
+    create_table_artifact(result["table"], key="specattn-quality", description=f"Quality of {art_path.name}")
+    create_markdown_artifact(f"# SpecAttn quality: {art_path.name}\n\n{md}\n\n{len(labels)} texts x {text_tokens} "
+                             f"tokens of {corpus_name}; {seconds:.0f} s", key="specattn-quality-table")
+    print(md)
+    log.info("evaluation written to %s (%.0f s)", out, seconds)
+    return str(json_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description="Run the evaluate flow once.")
+    ap.add_argument("--artifact", default=os.path.join(os.environ.get("SPECATTN_ARTIFACTS", "artifacts"),
+                                                       "quick", "latest.safetensors"))
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--draft")
+    ap.add_argument("--target")
+    ap.add_argument("--text", help=".txt book(s); default: Jane Austen's novels")
+    ap.add_argument("--text-tokens", type=int)
+    ap.add_argument("--num-texts", type=int)
+    ap.add_argument("--prefill-fraction", type=float)
+    ap.add_argument("--global-p", type=float, nargs="+")
+    ap.add_argument("--curve-budgets", type=float, nargs="+")
+    ap.add_argument("--quick", action="store_true", help="table rows only, one short text unless told otherwise")
+    ap.add_argument("--output-dir")
+    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v not in (None, False)}
+    if args.get("quick"):
+        args.setdefault("text_tokens", 512)
+        args.setdefault("num_texts", 1)
+    print(evaluate(**args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Reports of a quality evaluation: the headline table (markdown), Prefect table rows and the trade-off plot.
+
+Input everywhere is the evaluation JSON's ``methods`` mapping (see :func:`pipelines.sparse_eval.summarize`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .sparse_eval import GROUP_GLOBAL
+
+_KIND_ORDER = {"dense": 0, "streaming": 1, "quest": 2, "oracle": 3, "specattn": 4}
+
+
+_NAMES = {"dense": "Dense", "streaming": "StreamingLLM (sink + recent)", "quest": "Quest (min/max key bounds)",
+          "oracle": "Oracle top-p (target's own attention)"}
+
+
+def describe(row: dict) -> str:
+    """Human-readable method name, e.g. ``SpecAttn, global p = 0.95``."""
+    if row["kind"] != "specattn":
+        return _NAMES[row["kind"]]
+    if row["group"] == GROUP_GLOBAL:
+        return f"SpecAttn, global p = {row['x']:g}"
+    return f"SpecAttn, calibrated per-layer p (recall >= {row['x']:g})"
+
+
+def table_rows(methods: dict[str, dict]) -> list[dict]:
+    """Headline rows in the paper's order: dense, baselines, oracle, SpecAttn global p, SpecAttn calibrated."""
+    rows = [dict(name=name, **r) for name, r in methods.items() if r.get("in_table")]
+    rows.sort(key=lambda r: (_KIND_ORDER[r["kind"]], r["group"] != GROUP_GLOBAL, r["x"] or 0))
+    return [{"method": describe(r), "budget": _budget(r), "perplexity": round(r["perplexity"], 3),
+             "ppl_increase_pct": round(100 * r["perplexity_increase"], 2),
+             "kv_reduction_sparse_pct": round(100 * r["kv_reduction_sparse_layers"], 1),
+             "kv_reduction_all_pct": round(100 * r["kv_reduction_all_layers"], 1),
+             "mean_chunks_per_sparse_layer": round(r["mean_chunks_sparse_layers"], 1)} for r in rows]
+
+
+def _budget(r: dict) -> str:
+    if r["kind"] == "dense":
+        return "-"
+    if r["kind"] in ("streaming", "quest"):
+        return f"= chunks of {r['match']}"
+    return f"p = {r['x']:g}" if r["group"] == GROUP_GLOBAL else f"recall >= {r['x']:g}"
+
+
+def markdown_table(methods: dict[str, dict]) -> str:
+    rows = table_rows(methods)
+    head = ("| Method | Budget | PPL | PPL increase | KV reduction (sparse layers) | KV reduction (all layers) "
+            "| chunks / sparse layer |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} | {r['ppl_increase_pct']:+.2f}% | "
+                     f"{r['kv_reduction_sparse_pct']:.1f}% | {r['kv_reduction_all_pct']:.1f}% | "
+                     f"{r['mean_chunks_per_sparse_layer']:.1f} |")
+    return "\n".join(lines)
+
+
+def curves(methods: dict[str, dict]) -> dict[str, list[tuple[float, float, float]]]:
+    """``{group: [(kv_reduction_all_layers, ppl_increase, x), ...]}`` sorted by KV reduction (dense excluded)."""
+    out: dict[str, list] = {}
+    for r in methods.values():
+        if r["kind"] != "dense":
+            out.setdefault(r["group"], []).append(
+                (r["kv_reduction_all_layers"], r["perplexity_increase"], r["x"]))
+    return {g: sorted(v) for g, v in out.items()}
+
+
+def cumulative_perplexity(step_nll: list[float]) -> list[float]:
+    """Perplexity over the first ``i + 1`` decode steps, for every ``i`` (the paper's Fig. 5)."""
+    out, total = [], 0.0
+    for i, v in enumerate(step_nll):
+        total += v
+        out.append(math.exp(total / (i + 1)))
+    return out
+
+
+def plot_tradeoff(methods: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """PNG: perplexity increase vs KV reduction (all layers), one curve per method, plus the goal box."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for group, pts in sorted(curves(methods).items()):
+        xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", label=group)
+    ax.axhline(5, color="grey", lw=0.8, ls="--")
+    ax.axvline(75, color="grey", lw=0.8, ls="--")
+    ax.text(75.5, 5.5, "goal: >= 75% KV skipped at <= 5% PPL", fontsize=7, color="grey")
+    ax.set_xlabel("KV reduction, all layers (%)")
+    ax.set_ylabel("perplexity increase over dense (%)")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

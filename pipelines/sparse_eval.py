@@ -1,0 +1,221 @@
+"""Teacher-forced sparse perplexity: one forward pass per text and method, equal to step-by-step decoding.
+
+Protocol (DESIGN.md section 5, after the paper): a text of ``T`` tokens, the first ``prefill`` positions attend
+densely; every later query ``t`` is a decode step that reads only its selected KV chunks in the sparse layers.
+Because query ``t``'s keys and values come from positions ``<= t``, whose own hidden states were computed under
+their own masks, running all positions at once with a per-query block mask gives exactly the logits of
+decoding token by token (``tests/test_sparse_eval.py`` checks this against the runtime's sparse attention).
+
+Methods select chunks per (layer, query):
+
+- ``specattn``: top-p on the draft's attention row at ``t`` (layer map and p per layer, as at run time);
+- ``oracle``: top-p on the target's own dense attention row (what a perfect draft would give);
+- ``streaming`` / ``quest``: :mod:`pipelines.baselines`, with the chunk count of a reference SpecAttn method.
+
+The target is loaded with ``attn_implementation="specattn_eval"`` (registered here); a forward call passes a
+:class:`PassMasks` as ``specattn_eval=``. Batch 1, unpadded texts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from specattn_runtime.capture import AttentionRecorder, register_attention, softmax_attention
+from specattn_runtime.pooling import pool_to_chunks
+from specattn_runtime.selection import select_chunks
+
+from .baselines import quest_mask, streaming_mask
+
+ATTN_NAME = "specattn_eval"
+KINDS = ("dense", "specattn", "oracle", "streaming", "quest")
+GROUP_GLOBAL, GROUP_CALIBRATED = "SpecAttn global p", "SpecAttn calibrated"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One evaluated configuration.
+
+    ``top_p``: per target layer (1.0 on dense layers) for ``specattn`` / ``oracle``. ``match``: the name of the
+    ``specattn`` method whose per-(layer, query) chunk counts a ``streaming`` / ``quest`` method reuses.
+    """
+
+    name: str
+    kind: str
+    top_p: tuple[float, ...] = ()
+    match: str | None = None
+    group: str = ""  # curve the method belongs to in the trade-off plot
+    x: float | None = None  # the swept value (p, recall budget) for reports
+    in_table: bool = False  # a row of the headline table (the rest only feed the curves)
+
+
+@dataclass
+class PassMasks:
+    """What the target's attention does in one teacher-forced pass.
+
+    ``chunks``: layer -> bool ``[T, C]`` chunk selection; ``quest_budget``: layer -> int64 ``[T]`` (Quest picks
+    chunks inside attention, from the layer's own queries and keys). Layers in neither are dense. ``read``
+    collects, per sparse layer, the keys each query read (float ``[T]``, averaged over heads).
+    """
+
+    chunk_size: int
+    chunks: dict[int, torch.Tensor] = field(default_factory=dict)
+    quest_budget: dict[int, torch.Tensor] = field(default_factory=dict)
+    recorder: AttentionRecorder | None = None
+    read: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def token_mask(chunks: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Chunk selection ``[..., T, C]`` -> causal key mask ``[..., T, T]`` (key ``s`` read by query ``t``)."""
+    t = chunks.shape[-2]
+    keys = chunks.repeat_interleave(chunk_size, dim=-1)[..., :t]
+    return keys & torch.ones(t, t, dtype=torch.bool, device=chunks.device).tril()
+
+
+def _eval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    specattn_eval: PassMasks | None = None, **kwargs):
+    # query [1, H, T, D]; key/value [1, Hkv, T, D]; attention_mask ignored: batch 1, no padding, causal.
+    st, layer = specattn_eval, module.layer_idx
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if st is not None and st.recorder is not None and st.recorder.wants(layer):
+        out, probs = softmax_attention(query, key, value, None, scale)
+        # the dense pass records the target's own rows (the oracle's input), head-averaged and chunk-pooled
+        rows = probs.float().mean(1)[:, st.recorder.query_positions]
+        st.recorder.rows[layer] = pool_to_chunks(rows, st.chunk_size)
+        return out, None
+    allowed = None
+    if st is not None and layer in st.chunks:
+        allowed = token_mask(st.chunks[layer], st.chunk_size)[None]  # [1, T, T]
+    elif st is not None and layer in st.quest_budget:
+        chunks = quest_mask(query[0], key[0], st.quest_budget[layer], st.chunk_size)  # [H, T, C]
+        allowed = token_mask(chunks, st.chunk_size)  # [H, T, T]
+    if allowed is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        st.read[layer] = allowed.sum(-1).float().mean(0)  # [T]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[None], scale=scale,
+                                             enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register ``"specattn_eval"`` with transformers (SDPA's mask builder; the mask is rebuilt here)."""
+    return register_attention(ATTN_NAME, _eval_attention, mask="sdpa")
+
+
+def topp_chunks(rows: torch.Tensor, p: float, prefill: int, chunk_size: int) -> torch.Tensor:
+    """Top-p selection for every query: ``rows`` float ``[T, C]`` pooled attention -> bool ``[T, C]``.
+
+    Queries before ``prefill`` read every visible chunk; the others follow the runtime's rule (sink and own
+    chunk kept, the fewest largest chunks reaching mass ``p``).
+    """
+    t, c = rows.shape
+    n_valid = torch.arange(t) // chunk_size + 1
+    sel = n_valid[:, None] > torch.arange(c)[None, :]  # dense, causal at chunk level
+    if p < 1.0 and prefill < t:
+        sel[prefill:] = select_chunks(rows[prefill:], p, n_valid[prefill:])
+    return sel
+
+
+@dataclass
+class WindowResult:
+    """One method on one text: ``nll`` float64 ``[n_scored]`` (position ``prefill + i`` predicting the next token),
+    ``read`` / ``avail`` float64 ``[n_layers]`` keys read / visible, summed over scored queries; ``chunks``
+    float64 ``[n_layers]`` selected chunks summed over scored queries."""
+
+    nll: torch.Tensor
+    read: torch.Tensor
+    avail: torch.Tensor
+    chunks: torch.Tensor
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    # logits [T - prefill, V] of queries prefill .. T-1 -> NLL of tokens prefill+1 .. T-1
+    lp = torch.log_softmax(logits[:-1].double(), -1)
+    return -lp.gather(-1, ids[prefill + 1 :, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], methods: list[Method],
+                    chunk_size: int, prefill: int, on_method=None) -> dict[str, WindowResult]:
+    """Run every method on one text ``ids`` (int64 ``[T]``); models loaded with ``specattn_eval`` (target) and
+    ``specattn_record`` (draft). ``on_method(name)`` is called after each pass (progress bars)."""
+    t = ids.numel()
+    if not 0 < prefill < t - 1:
+        raise ValueError(f"prefill={prefill} must leave decode steps in a text of {t} tokens")
+    n_layers = len(layer_map)
+    sparse = [j for j, i in enumerate(layer_map) if i >= 0]
+    positions = torch.arange(t)
+    avail = (positions[prefill:-1] + 1).double()  # keys visible to each scored query
+
+    draft_rec = AttentionRecorder(positions, chunk_size, layers={layer_map[j] for j in sparse})
+    draft(ids[None], specattn_recorder=draft_rec, use_cache=False, logits_to_keep=1)
+    needs_oracle = any(m.kind == "oracle" for m in methods)
+    target_rec = AttentionRecorder(positions, chunk_size, layers=set(sparse)) if needs_oracle else None
+    dense_pass = PassMasks(chunk_size, recorder=target_rec)
+    # logits only where they are scored: queries prefill .. T-1 (the last one is dropped by _nll)
+    dense_logits = target(ids[None], specattn_eval=dense_pass, use_cache=False, logits_to_keep=t - prefill).logits[0]
+
+    out: dict[str, WindowResult] = {}
+    counts: dict[str, dict[int, torch.Tensor]] = {}  # specattn method -> layer -> chunks per query [T]
+    for m in methods:
+        masks = PassMasks(chunk_size)
+        if m.kind in ("specattn", "oracle"):
+            for j in sparse:
+                rows = (draft_rec.rows[layer_map[j]] if m.kind == "specattn" else target_rec.rows[j])[0]
+                masks.chunks[j] = topp_chunks(rows, m.top_p[j], prefill, chunk_size)
+            counts[m.name] = {j: masks.chunks[j].sum(-1) for j in sparse}
+        elif m.kind in ("streaming", "quest"):
+            if m.match not in counts:
+                raise ValueError(f"{m.name}: matched method {m.match!r} must be an earlier specattn/oracle method")
+            for j in sparse:
+                if m.kind == "streaming":
+                    masks.chunks[j] = streaming_mask(counts[m.match][j], chunk_size)
+                else:
+                    masks.quest_budget[j] = counts[m.match][j]
+        elif m.kind != "dense":
+            raise ValueError(f"unknown method kind {m.kind!r}; kinds are {KINDS}")
+        logits = dense_logits if m.kind == "dense" else target(ids[None], specattn_eval=masks, use_cache=False,
+                                                                 logits_to_keep=t - prefill).logits[0]
+        read = avail.repeat(n_layers, 1)
+        chunks = ((positions[prefill:-1] // chunk_size) + 1).double().repeat(n_layers, 1)
+        for j in sparse:
+            if j in masks.read:
+                read[j] = masks.read[j][prefill:-1].double()
+            if j in masks.chunks:
+                chunks[j] = masks.chunks[j][prefill:-1].sum(-1).double()
+            elif j in masks.quest_budget:
+                chunks[j] = masks.quest_budget[j][prefill:-1].double()
+        out[m.name] = WindowResult(_nll(logits, ids, prefill), read.sum(-1), avail.sum().repeat(n_layers),
+                                   chunks.sum(-1))
+        if on_method is not None:
+            on_method(m.name)
+    return out
+
+
+def summarize(results: list[dict[str, WindowResult]], methods: list[Method], layer_map: list[int]) -> dict:
+    """Aggregate per-text results: perplexity, increase over dense, KV reduction (sparse / all layers), mean
+    chunks per sparse layer, per-step mean NLL (for cumulative perplexity curves) and per-layer KV read."""
+    sparse = [j for j, i in enumerate(layer_map) if i >= 0]
+    rows = {}
+    for m in methods:
+        nll = torch.stack([r[m.name].nll for r in results])  # [texts, steps]
+        read = sum(r[m.name].read for r in results)
+        avail = sum(r[m.name].avail for r in results)
+        chunks = sum(r[m.name].chunks for r in results) / (nll.shape[0] * nll.shape[1])
+        rows[m.name] = {
+            "kind": m.kind, "group": m.group, "x": m.x, "match": m.match, "in_table": m.in_table,
+            "perplexity": math.exp(nll.mean().item()),
+            "kv_reduction_sparse_layers": 1 - (read[sparse].sum() / avail[sparse].sum()).item() if sparse else 0.0,
+            "kv_reduction_all_layers": 1 - (read.sum() / avail.sum()).item(),
+            "mean_chunks_sparse_layers": chunks[sparse].mean().item() if sparse else float("nan"),
+            "kv_read_per_layer": (read / avail).tolist(),
+            "step_nll": nll.mean(0).tolist(),
+        }
+    dense = next((r["perplexity"] for r in rows.values() if r["kind"] == "dense"), None)
+    for r in rows.values():
+        r["perplexity_increase"] = r["perplexity"] / dense - 1 if dense else float("nan")
+    return rows
