@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from . import hooks
-from .cache import preallocated_cache
 from .artifact import Artifact, load_artifact
+from .cache import preallocated_cache
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
 from .sampling import greedy_accept, logits_to_probs, speculative_accept
@@ -82,7 +82,7 @@ class GenerationOutput:
 
 
 def check_against_models(art: Artifact, draft_dir: Path, target_dir: Path, n_draft: int, n_target: int,
-                          allow_mismatch: bool) -> None:
+                         allow_mismatch: bool) -> None:
     """Layer counts always; config/weights/tokenizer hashes unless ``allow_mismatch``. Errors name both sides."""
     if art.n_target_layers != n_target:
         raise ValueError(f"artifact is for a target with {art.n_target_layers} layers; {target_dir} has {n_target}")
@@ -151,7 +151,7 @@ class SpecAttnRuntime:
         draft_model = load_causal_lm(d, role="draft", dtype=dtype, device=device, attn_implementation=name)
         target_model = load_causal_lm(t, role="target", dtype=dtype, device=device, attn_implementation=name)
         check_against_models(art, d, t, draft_model.config.num_hidden_layers, target_model.config.num_hidden_layers,
-                              allow_mismatch)
+                             allow_mismatch)
         return cls(art, draft_model, target_model, load_tokenizer(t, "target"), backend=backend, selection=selection,
                    **kwargs)
 
