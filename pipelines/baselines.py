@@ -60,7 +60,8 @@ def quest_mask(query: torch.Tensor, key: torch.Tensor, budget: torch.Tensor, chu
     Returns
     -------
     torch.Tensor
-        bool ``[H, T, C]``.
+        bool ``[H, T, C]``; bounds tied with the cut are all kept (real-valued bounds rarely tie; the evaluation
+        counts the keys actually read, so a tie never hides extra reads).
     """
     h, t, _ = query.shape
     lo, hi = chunk_key_bounds(key, chunk_size)
