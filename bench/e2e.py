@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernels import copy_bandwidth  # noqa: E402
 from specattn_runtime import SpecAttnRuntime, hooks  # noqa: E402
 from specattn_runtime.cache import preallocated_cache  # noqa: E402
 
@@ -118,19 +119,6 @@ class Floor:
         return (weights + kv * ctx * kv_fraction) / self.copy_bw
 
 
-def copy_bandwidth() -> float:
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", choices=sorted(PAIRS), default="llama2")
@@ -149,7 +137,7 @@ def main() -> None:
     t_cfg, d_cfg = PAIRS[args.pair]
     max_pos = max(args.contexts) + args.new_tokens + max(args.k) + 16
     target, draft = build(t_cfg, max_pos), build(d_cfg, max_pos)
-    floor = Floor(copy_bandwidth())
+    floor = Floor(copy_bandwidth("cuda"))
     n_t, n_d = target.config.num_hidden_layers, draft.config.num_hidden_layers
     sparse_art, dense_art = artifact_for(n_t, n_d, args.density), artifact_for(n_t, n_d, 1.0)
     rows = []

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from specattn_runtime.capture import AttentionRecorder, register_attention, softmax_attention
-from specattn_runtime.pooling import pool_to_chunks
 from specattn_runtime.selection import select_chunks
 
 from .baselines import quest_mask, streaming_mask
@@ -82,9 +81,7 @@ def _eval_attention(module, query, key, value, attention_mask, scaling=None, dro
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if st is not None and st.recorder is not None and st.recorder.wants(layer):
         out, probs = softmax_attention(query, key, value, None, scale)
-        # the dense pass records the target's own rows (the oracle's input), head-averaged and chunk-pooled
-        rows = probs.float().mean(1)[:, st.recorder.query_positions]
-        st.recorder.rows[layer] = pool_to_chunks(rows, st.chunk_size)
+        st.recorder.record(layer, probs)  # the dense pass keeps the target's own rows: the oracle's input
         return out, None
     allowed = None
     if st is not None and layer in st.chunks:

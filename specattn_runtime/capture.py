@@ -41,6 +41,11 @@ class AttentionRecorder:
     def wants(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers
 
+    def record(self, layer_idx: int, probs: torch.Tensor) -> None:
+        """Keep the head-averaged, chunk-pooled rows of ``probs`` ``[B, H, Tq, Tk]`` at ``query_positions``."""
+        rows = probs[:, :, self.query_positions, :].float().mean(dim=1)  # [B, Q, Tk]
+        self.rows[layer_idx] = pool_to_chunks(rows, self.chunk_size)
+
     def stacked(self, n_layers: int) -> torch.Tensor:
         """float32 ``[n_layers, batch, queries, n_chunks]``; raises if a layer was not recorded."""
         missing = [i for i in range(n_layers) if i not in self.rows]
@@ -79,8 +84,7 @@ def _record_attention(module, query, key, value, attention_mask, scaling=None, d
     rec = specattn_recorder
     layer_idx = getattr(module, "layer_idx", None)
     if rec is not None and layer_idx is not None and rec.wants(layer_idx):
-        rows = probs[:, :, rec.query_positions, :].float().mean(dim=1)  # [B, Q, Tk], head-averaged
-        rec.rows[layer_idx] = pool_to_chunks(rows, rec.chunk_size)
+        rec.record(layer_idx, probs)
     return out, None
 
 
