@@ -65,17 +65,20 @@ def bench_graph(fn, args, calls: int = 20) -> float:
     return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median") * 1e3 / calls
 
 
+SPLITS = (2, 4, 8, 16, 32)  # cuts of the threshold bracket per search pass; 2 = bisection
+
+
 def check(dev: str, gen: torch.Generator) -> None:
-    for (rows, c), bits in itertools.product(((256, 128), (64, 2048), (16, 8192)), (None, 1, 2, 4)):
+    for (rows, c), splits in itertools.product(((256, 128), (64, 2048), (16, 8192)), (None, *SPLITS)):
         scores = torch.softmax(torch.randn(rows, c, generator=gen) * 4, -1)
         p = torch.rand(rows, generator=gen) * 0.5 + 0.5
         n_valid = torch.randint(1, c + 1, (rows,), generator=gen)
-        idx, cnt = topp_select_triton(scores.to(dev), p.to(dev), n_valid.to(dev), radix_bits=bits)
+        idx, cnt = topp_select_triton(scores.to(dev), p.to(dev), n_valid.to(dev), splits=splits)
         ref = select_chunks(scores.double().float(), p, n_valid, method="sort")
         got = indices_to_mask(idx.cpu(), cnt.cpu(), c)
         bad = int((got != ref).any(-1).sum())
         kept = (scores.double() * got).sum(-1) / scores.double().sum(-1)
-        print(f"check rows={rows} chunks={c} bits/pass={bits or 'default'}: {bad} rows differ from the sort reference, "
+        print(f"check rows={rows} chunks={c} splits={splits or 'default'}: {bad} rows differ from the sort reference, "
               f"min kept mass - p = {float((kept - p.double()).min()):.2e}")
         # float32 sums on device vs float64 cumsum in the reference may split a boundary tie; more is a bug
         if bad > rows // 100:
@@ -141,7 +144,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/kernels.json")
     ap.add_argument("--rows", type=int, default=32 * 8, help="layers x queries")
     ap.add_argument("--contexts", default="4096,16384,65536,131072")
-    ap.add_argument("--sections", default="selection,attention,overhead,flashinfer",
+    ap.add_argument("--sections", default="selection,attention,overhead,paged,flashinfer",
                     help="comma-separated subset to run")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -149,7 +152,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     check(dev, gen)
     check_attention(dev, gen)
-    results, attn, overhead, fi, copy_bw = [], [], {}, {}, copy_bandwidth(dev)
+    results, attn, overhead, fi, paged, copy_bw = [], [], {}, {}, [], copy_bandwidth(dev)
     for keys in ((2048, 8192, 32768, 131072) if "selection" in sections else ()):
         c = keys // 16
         sets = []
@@ -165,11 +168,11 @@ def main() -> None:
         t_topk = bench(lambda s, p, n: torch.topk(s, k, dim=-1), sets)
         g_triton = bench_graph(lambda s, p, n: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), sets[0])
         g_sort = bench_graph(lambda s, p, n: sort_topp(s, p), sets[0])
-        # the same kernel with 1 (bisection), 2 and 4 threshold bits per dependent pass, side by side
-        radix = {b: bench_graph(lambda s, p, n, b=b: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt,
-                                                                        radix_bits=b), sets[0]) for b in (1, 2, 4)}
+        # the same kernel with 2 (bisection) to 32 cuts per search pass, side by side (default warps)
+        by_splits = {b: bench_graph(lambda s, p, n, b=b: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt,
+                                                                            splits=b), sets[0]) for b in SPLITS}
         row = {"keys": keys, "chunks": c, "rows": args.rows, "triton_us": t_triton, "sort_topp_us": t_sort,
-               "graph_triton_us_by_radix_bits": radix,
+               "graph_triton_us_by_splits": by_splits,
                "topk_us": t_topk, "sort_over_triton": t_sort / t_triton, "topk_over_triton": t_topk / t_triton,
                "graph_triton_us": g_triton, "graph_sort_topp_us": g_sort, "graph_sort_over_triton": g_sort / g_triton}
         results.append(row)
@@ -181,7 +184,7 @@ def main() -> None:
         print(f"{r['keys']:>7} {r['chunks']:>6} {r['triton_us']:>9.1f} {r['sort_topp_us']:>11.1f} "
               f"{r['topk_us']:>10.1f} {r['sort_over_triton']:>12.2f} {r['topk_over_triton']:>12.2f} "
               f"{r['graph_triton_us']:>13.1f} {r['graph_sort_topp_us']:>11.1f} {r['graph_sort_over_triton']:>18.2f}"
-              f"   graph us by bits/pass: {r['graph_triton_us_by_radix_bits']}")
+              f"   graph us by splits: { {b: round(t, 1) for b, t in r['graph_triton_us_by_splits'].items()} }")
     if "attention" in sections:
         attn = bench_attention(dev, gen, [int(x) for x in args.contexts.split(",")], copy_bw)
     print(f"\nblock-sparse verification attention, bf16, head_dim 128, median us; copy bandwidth "
@@ -191,17 +194,32 @@ def main() -> None:
     for r in attn:
         print(f"{r['layout']:>6} {r['keys']:>7} {r['q_len']:>2} {r['density']:>7.2f} {r['dense_sdpa_us']:>8.1f} "
               f"{r['triton_sparse_us']:>8.1f} {r['speedup']:>8.2f} {r['selected_bw_frac']:>11.2f}")
+    sweep = selection_sweep(dev, gen) if "sweep" in sections else []
     if "overhead" in sections:
         overhead = {name: selection_overhead(dev, sharpness, p) for name, sharpness, p in
                     (("peaked_p0.97", 4.0, 0.97), ("flat_p0.3", 0.5, 0.3))}
         print(f"\nper layer at 32K keys, GQA 32/8, q_len 8 (CUDA graph, us): {json.dumps(overhead, indent=1)}")
+        overhead["per_step"] = {name: step_overhead(dev, sharpness, p) for name, sharpness, p in
+                                (("peaked_p0.97", 4.0, 0.97), ("flat_p0.3", 0.5, 0.3))}
+        print(f"\none verification step, 32 layers at 32K keys: one selection launch (32 rows) + 32 sparse "
+              f"attentions vs the 32 attentions alone (CUDA graph, us): {json.dumps(overhead['per_step'], indent=1)}")
+    if "paged" in sections:
+        paged = bench_paged(dev, copy_bw)
+        print("\npaged vs contiguous KV cache, sparse attention at 25% density, q_len 8, median us")
+        print(f"{'layout':>6} {'keys':>7} {'page':>5} {'contiguous':>11} {'paged':>8} {'paged/contig':>13} "
+              f"{'sel.bw/copy':>11}")
+        for r in paged:
+            print(f"{r['layout']:>6} {r['keys']:>7} {r['page_size']:>5} {r['contiguous_us']:>11.1f} "
+                  f"{r['paged_us']:>8.1f} {r['paged_over_contiguous']:>13.2f} {r['selected_bw_frac']:>11.2f}")
     if "flashinfer" in sections:
         fi = flashinfer_attempt(dev, gen)
         print(f"\nFlashInfer: {json.dumps(fi)}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "copy_bw_bytes_s": copy_bw}
     Path(args.out).write_text(json.dumps({"meta": meta, "selection": results, "attention": attn,
-                                          "selection_overhead_32k": overhead, "flashinfer": fi}, indent=1))
+                                          "selection_overhead_32k": overhead, "paged_attention": paged,
+                                          "selection_sweep": sweep,
+                                          "flashinfer": fi}, indent=1))
 
 
 def selection_overhead(dev: str, sharpness: float, p_value: float) -> dict:
@@ -231,6 +249,103 @@ def selection_overhead(dev: str, sharpness: float, p_value: float) -> dict:
     t_dense = bench_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), ())
     return {"density": density, "select_us": t_sel, "attention_us": t_attn, "select_plus_attention_us": t_both,
             "dense_sdpa_us": t_dense, "selection_overhead_frac": (t_both - t_attn) / t_attn}
+
+
+def selection_sweep(dev: str, gen: torch.Generator) -> list[dict]:
+    """Graph us of the selection kernel over (splits, num_warps) per row length, for the bench's 256 rows and the
+    runtime's one row per layer (32), on peaked and flat rows: what :func:`launch_config` is chosen from."""
+    results = []
+    cases = [(keys, rows, dist) for keys in (2048, 8192, 32768, 131072)
+             for rows, dist in ((256, ("peaked", 3.0, 0.97)), (256, ("flat", 0.5, 0.9)), (32, ("peaked", 3.0, 0.97)))]
+    for keys, rows, (dist, sharpness, p_value) in cases:
+        c = keys // 16
+        s = torch.softmax(torch.randn(rows, c, generator=gen) * sharpness, -1).to(dev)
+        p = torch.full((rows,), p_value, device=dev)
+        n = torch.full((rows,), c, device=dev, dtype=torch.int32)
+        idx = torch.empty(rows, c, dtype=torch.int32, device=dev)
+        cnt = torch.empty(rows, dtype=torch.int32, device=dev)
+        row = {"keys": keys, "rows": rows, "dist": dist, "p": p_value,
+               "sort_topp_us": bench_graph(lambda: sort_topp(s, p), ())}
+        for splits, warps in itertools.product(SPLITS, (4, 8, 16)):
+            row[f"s{splits}_w{warps}"] = bench_graph(lambda: topp_select_triton(
+                s, p, n, out_idx=idx, out_count=cnt, splits=splits, num_warps=warps), ())
+        best = min((k for k in row if k.startswith("s")), key=row.get)
+        print(f"sweep keys={keys} rows={rows} {dist}: sort {row['sort_topp_us']:.1f} us, default "
+              f"{bench_graph(lambda: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), ()):.1f} us, best "
+              f"{best} {row[best]:.1f} us; " + " ".join(f"{k}={v:.1f}" for k, v in row.items() if k.startswith("s")))
+        results.append(row)
+    return results
+
+
+def step_overhead(dev: str, sharpness: float, p_value: float, layers: int = 32) -> dict:
+    """How the runtime spends selection: one launch selects for every layer of the step (one row per layer),
+    then each layer's sparse attention reads its own K/V (distinct per layer, as in a model: no cache reuse)."""
+    tk, h, hkv, tq = 32768, 32, 8, 8
+    c = tk // 16
+    q = torch.randn(1, h, tq, 128, device=dev, dtype=torch.bfloat16)
+    kvs = [(torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16),
+            torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)) for _ in range(layers)]
+    scores = torch.softmax(torch.randn(layers, c, device=dev) * sharpness, -1)
+    p = torch.full((layers,), p_value, device=dev)
+    n_valid = torch.full((layers,), c, device=dev, dtype=torch.int32)
+    idx = torch.empty(layers, c, dtype=torch.int32, device=dev)
+    cnt = torch.empty(layers, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+
+    def attend():
+        for i, (k, v) in enumerate(kvs):
+            sparse_attention_triton(q, k, v, idx[i : i + 1], cnt[i : i + 1], chunk_size=16, out=out)
+
+    def select_and_attend():
+        topp_select_triton(scores, p, n_valid, keep_recent=1, out_idx=idx, out_count=cnt)
+        attend()
+
+    select_and_attend()
+    density = float(cnt.sum()) / (layers * c)
+    t_attn = bench_graph(attend, (), calls=2)
+    t_both = bench_graph(select_and_attend, (), calls=2)
+    t_sel = bench_graph(lambda: topp_select_triton(scores, p, n_valid, out_idx=idx, out_count=cnt), ())
+    return {"layers": layers, "density": density, "select_us": t_sel, "attention_us": t_attn,
+            "select_plus_attention_us": t_both, "selection_overhead_frac": (t_both - t_attn) / t_attn}
+
+
+def bench_paged(dev: str, copy_bw: float) -> list[dict]:
+    """The sparse kernel on a paged cache (pages shuffled in the pool) vs the same keys stored contiguously,
+    both in CUDA graphs."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    results = []
+    for (name, h, hkv), tk, page in itertools.product((("MHA", 32, 32), ("GQA", 32, 8)), (16384, 65536), (16, 64)):
+        tq, c = 8, tk // 16
+        k = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+        q = torch.randn(1, h, tq, 128, device=dev, dtype=torch.bfloat16)
+        n_pages = tk // page
+        order = torch.randperm(n_pages, device=dev, generator=gen)
+        k_pool = torch.empty(n_pages, page, hkv, 128, device=dev, dtype=torch.bfloat16)
+        v_pool = torch.empty_like(k_pool)
+        k_pool[order] = k[0].transpose(0, 1).reshape(n_pages, page, hkv, 128)
+        v_pool[order] = v[0].transpose(0, 1).reshape(n_pages, page, hkv, 128)
+        table = order.to(torch.int32)[None]
+        lens = torch.tensor([tk], device=dev, dtype=torch.int32)
+        m = torch.rand(1, c, device=dev, generator=gen) < 0.25
+        m[:, 0] = True
+        m[:, (tk - tq) // 16 :] = True
+        idx, cnt = mask_to_indices(m)
+        ref = sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16)
+        got = sparse_attention_triton(q, k_pool, v_pool, idx, cnt, chunk_size=16, page_table=table, kv_lens=lens)
+        err = float((got.float() - ref.float()).norm() / ref.float().norm())
+        if not err < 1e-2:
+            raise SystemExit(f"paged attention disagrees with contiguous ({err:.2e}): not benchmarking")
+        # in CUDA graphs: the host-side launch cost (identical for both) would otherwise dominate the difference
+        t_contig = bench_graph(lambda: sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16), ())
+        t_paged = bench_graph(lambda: sparse_attention_triton(q, k_pool, v_pool, idx, cnt, chunk_size=16,
+                                                              page_table=table, kv_lens=lens), ())
+        sel_bytes = 2 * hkv * 128 * 2 * float(cnt.sum()) * 16
+        results.append({"layout": name, "keys": tk, "page_size": page, "q_len": tq, "density": 0.25,
+                        "contiguous_us": t_contig, "paged_us": t_paged, "paged_over_contiguous": t_paged / t_contig,
+                        "rel_diff_paged_vs_contiguous": err,
+                        "selected_bw_frac": sel_bytes / (t_paged * 1e-6) / copy_bw})
+    return results
 
 
 def flashinfer_attempt(dev: str, gen: torch.Generator) -> dict:

@@ -85,3 +85,71 @@ def test_index_and_mask_selections_agree(gen):
     by_mask = sparse_attention(q, k, v, mask, chunk_size=16)
     by_idx = sparse_attention(q, k, v, mask_to_indices(mask), chunk_size=16)
     torch.testing.assert_close(by_idx, by_mask, rtol=0, atol=0)
+
+
+def paged_case(gen, lens, h, hkv, tq, d, page_size, dtype=torch.float32):
+    """A paged cache holding ragged sequences ``lens`` in shuffled pool pages; every pool row no sequence owns
+    (spare pages, the tail of each last page) is NaN, so reading one poisons the output."""
+    pages_per_seq = [-(-n // page_size) for n in lens]
+    n_pages = sum(pages_per_seq) + 3
+    order = torch.randperm(n_pages, generator=gen)
+    table = torch.zeros(len(lens), max(pages_per_seq), dtype=torch.int32)
+    k_pool = torch.full((n_pages, page_size, hkv, d), float("nan"), dtype=dtype)
+    v_pool = torch.full_like(k_pool, float("nan"))
+    k_seqs, v_seqs, used = [], [], 0
+    for b, n in enumerate(lens):
+        k, v = torch.randn(1, hkv, n, d, generator=gen, dtype=dtype), torch.randn(1, hkv, n, d, generator=gen, dtype=dtype)
+        k_seqs.append(k)
+        v_seqs.append(v)
+        for j in range(pages_per_seq[b]):
+            page = int(order[used])
+            used += 1
+            table[b, j] = page
+            rows = slice(j * page_size, min(n, (j + 1) * page_size))
+            k_pool[page, : rows.stop - rows.start] = k[0, :, rows].transpose(0, 1)
+            v_pool[page, : rows.stop - rows.start] = v[0, :, rows].transpose(0, 1)
+    q = torch.randn(len(lens), h, tq, d, generator=gen, dtype=dtype)
+    c = -(-max(lens) // 16)
+    mask = torch.rand(len(lens), c, generator=gen) < 0.4
+    for b, n in enumerate(lens):
+        mask[b, 0] = True
+        mask[b, (n - tq) // 16 : -(-n // 16)] = True  # the verified positions' chunks
+        mask[b, -(-n // 16) :] = False  # past the sequence: never selected
+    return q, k_pool, v_pool, table, torch.tensor(lens), mask, k_seqs, v_seqs
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("lens,h,hkv,tq,page_size", [([150, 37, 96], 4, 2, 5, 32), ([64, 200], 6, 3, 1, 16)])
+def test_paged_cache_matches_naive(backend, lens, h, hkv, tq, page_size, gen):
+    """Paged, ragged: each sequence against naive attention over its own contiguous keys; no NaN row is read."""
+    from specattn_runtime.sparse.triton_attn import mask_to_indices
+
+    dev = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    dtype = torch.float16 if dev == "cuda" else torch.float32  # fp32 dots would run as tf32 on the GPU
+    q, k_pool, v_pool, table, lens_t, mask, k_seqs, v_seqs = paged_case(gen, lens, h, hkv, tq, 32, page_size)
+    sel = mask_to_indices(mask.to(dev)) if backend == "triton" else mask
+    out = sparse_attention(q.to(dev, dtype), k_pool.to(dev, dtype), v_pool.to(dev, dtype), sel, chunk_size=16,
+                           backend=backend, page_table=table.to(dev), kv_lens=lens_t.to(dev)).cpu()
+    assert torch.isfinite(out).all(), "a key outside the sequences was read (or an output left unwritten)"
+    for b in range(len(lens)):
+        lo = lambda x: x.to(dtype).double()  # noqa: E731  the inputs the kernel saw
+        ref = naive(lo(q[b : b + 1]), lo(k_seqs[b]), lo(v_seqs[b]), mask[b : b + 1, : -(-lens[b] // 16)], 16)
+        err = (out[b : b + 1].double() - ref).norm() / ref.norm()
+        assert err < (5e-3 if dtype == torch.float16 else 1e-5), f"sequence {b}: relative error {err:.2e}"
+
+
+def test_paged_cache_bad_input(gen):
+    q, k_pool, v_pool, table, lens_t, mask, _, _ = paged_case(gen, [40, 20], 2, 2, 1, 16, 16)
+    from specattn_runtime.sparse.triton_attn import mask_to_indices
+
+    sel = mask_to_indices(mask)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        sparse_attention(q, k_pool, v_pool, sel, chunk_size=32, backend="triton", page_table=table, kv_lens=lens_t)
+    with pytest.raises(ValueError, match="kv_lens"):
+        sparse_attention(q, k_pool, v_pool, sel, chunk_size=16, backend="triton", page_table=table)
+    with pytest.raises(ValueError, match="int32"):
+        sparse_attention(q, k_pool, v_pool, sel, chunk_size=16, backend="triton", page_table=table.long(),
+                         kv_lens=lens_t)
+    with pytest.raises(ValueError, match="contiguous cache"):
+        sparse_attention(q, k_pool, v_pool, mask, chunk_size=16, backend="flashinfer", page_table=table,
+                         kv_lens=lens_t)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import key_mask_from_chunks, sparse_attention_reference
+from .reference import key_mask_from_chunks, sparse_attention_paged_reference, sparse_attention_reference
 
 BACKENDS = ("torch", "triton", "flashinfer")
 
@@ -17,24 +17,34 @@ Selection = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection, *,
-                     chunk_size: int, scale: float | None = None, backend: str = "torch") -> torch.Tensor:
+                     chunk_size: int, scale: float | None = None, backend: str = "torch",
+                     page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`sparse_attention_reference` for shapes; ``backend`` picks the implementation.
 
     ``selection`` is a bool chunk mask ``[B, C]`` or the selection kernel's compacted ``(idx [B, C], count [B])``;
     each backend converts only when its own form differs (the Triton path from kernel indices converts nothing).
+    With ``page_table`` / ``kv_lens``, ``k`` / ``v`` are page pools (see
+    :func:`sparse_attention_paged_reference`); the torch and Triton backends take them.
     """
     if backend == "triton":
         from .triton_attn import mask_to_indices, sparse_attention_triton
 
         idx, count = selection if isinstance(selection, tuple) else mask_to_indices(selection)
-        return sparse_attention_triton(q, k, v, idx, count, chunk_size=chunk_size, scale=scale)
+        return sparse_attention_triton(q, k, v, idx, count, chunk_size=chunk_size, scale=scale,
+                                       page_table=page_table, kv_lens=kv_lens)
     chunk_mask = selection
+    paged = page_table is not None
     if isinstance(selection, tuple):
         from ..selection.triton_select import indices_to_mask
 
-        chunk_mask = indices_to_mask(*selection, n_chunks=-(-k.shape[2] // chunk_size))
+        n_keys = page_table.shape[1] * k.shape[1] if paged else k.shape[2]
+        chunk_mask = indices_to_mask(*selection, n_chunks=-(-n_keys // chunk_size))
+    if backend == "torch" and paged:
+        return sparse_attention_paged_reference(q, k, v, page_table, kv_lens, chunk_mask, chunk_size, scale)
     if backend == "torch":
         return sparse_attention_reference(q, k, v, chunk_mask, chunk_size, scale)
+    if paged:
+        raise ValueError(f"backend {backend!r} takes a contiguous cache; use 'triton' or 'torch' for a paged one")
     if backend == "flashinfer":
         from .flashinfer_backend import available, sparse_attention_flashinfer
 
@@ -44,4 +54,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
     raise ValueError(f"unknown or unavailable sparse-attention backend {backend!r}; available: {BACKENDS}")
 
 
-__all__ = ["sparse_attention", "sparse_attention_reference", "key_mask_from_chunks", "BACKENDS"]
+__all__ = ["sparse_attention", "sparse_attention_reference", "sparse_attention_paged_reference",
+           "key_mask_from_chunks", "BACKENDS"]

@@ -4,8 +4,13 @@ One program per (sequence, KV head, split). It holds every query row that reads 
 ``G = H // Hkv`` query heads times all ``Tq`` verified positions (``M = G * Tq`` rows), so each selected K/V
 chunk is loaded once for all of them. Chunks come straight from the selection kernel's compacted index buffer
 (``idx[b, :count[b]]``), ``CHUNKS_PER_ITER`` of them gathered per iteration into one ``[CHUNKS_PER_ITER * CHUNK]``
-key tile; these groups are dealt round-robin to the splits. Each split writes a partial (unnormalised output, running max, running sum); ``_combine_kernel`` merges
-the splits.
+key tile; these groups are dealt round-robin to the splits. Each split writes a partial (unnormalised output,
+running max, running sum); ``_combine_kernel`` merges the splits.
+
+Two cache layouts, one kernel: contiguous ``[B, Hkv, Tk, D]`` (a transformers cache layer) or paged (``PAGED``):
+pools ``[n_pages, PAGE, Hkv, D]`` and a page table ``[B, max_pages]``. A page holds whole chunks, so a chunk's
+keys are consecutive rows of one page and the paged gather costs one page-table read per chunk. ``RAGGED``
+reads each sequence's key count from ``len_ptr`` (paged batches are ragged) instead of the scalar ``n_keys``.
 """
 
 import triton
@@ -15,14 +20,15 @@ import triton.language as tl
 @triton.jit
 def _sparse_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, o_part_ptr, m_part_ptr, l_part_ptr,
-    sm_scale, n_keys,
+    table_ptr, len_ptr, sm_scale, n_keys, stride_tb,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ib,
     stride_ob, stride_oh, stride_os, stride_om,
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    CHUNK: tl.constexpr, CHUNKS_PER_ITER: tl.constexpr,
+    CHUNK: tl.constexpr, CHUNKS_PER_ITER: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    RAGGED: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -37,6 +43,8 @@ def _sparse_attn_split_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_ptr + b * stride_qb + (kvh * GROUP + g)[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    if RAGGED:
+        n_keys = tl.load(len_ptr + b)
     q_pos = n_keys - Q_LEN + t  # absolute position of each row's query
 
     # Groups of CHUNKS_PER_ITER selected chunks are dealt round-robin to the splits: every split gets its share
@@ -56,10 +64,15 @@ def _sparse_attn_split_kernel(
         chunk = tl.load(idx_ptr + b * stride_ib + slot, mask=slot_ok, other=0)
         key_pos = chunk * CHUNK + offs_n % CHUNK
         key_ok = slot_ok & (key_pos < n_keys)
-        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + key_pos[:, None] * stride_kt + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + key_pos[:, None] * stride_vt + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
+        if PAGED:  # stride_kb / stride_vb step over pages; rows of a page are positions
+            page = tl.load(table_ptr + b * stride_tb + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+            k_row = (page * stride_kb)[:, None] + (key_pos % PAGE)[:, None] * stride_kt
+            v_row = (page * stride_vb)[:, None] + (key_pos % PAGE)[:, None] * stride_vt
+        else:
+            k_row = b * stride_kb + key_pos[:, None] * stride_kt
+            v_row = b * stride_vb + key_pos[:, None] * stride_vt
+        k = tl.load(k_ptr + k_row + kvh * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + v_row + kvh * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         visible = key_ok[None, :] & (key_pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))

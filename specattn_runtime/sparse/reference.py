@@ -43,3 +43,28 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError("the chunks holding the queries' own positions (the newest chunks) must be selected")
     mask = keys[:, None, None, :] & causal[None, None]  # [B, 1, Tq, Tk]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != k.shape[1])
+
+
+def gather_pages(pool: torch.Tensor, pages: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """One sequence of a paged cache as a contiguous layer: pool ``[n_pages, page_size, Hkv, D]``, its pages
+    int ``[max_pages]`` -> ``[1, Hkv, n_keys, D]``."""
+    page_size = pool.shape[1]
+    used = pages[: -(-n_keys // page_size)].long()
+    return pool[used].flatten(0, 1)[:n_keys].transpose(0, 1)[None]
+
+
+def sparse_attention_paged_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                     page_table: torch.Tensor, kv_lens: torch.Tensor, chunk_mask: torch.Tensor,
+                                     chunk_size: int, scale: float | None = None) -> torch.Tensor:
+    """:func:`sparse_attention_reference` over a paged cache with ragged sequences (one sequence at a time).
+
+    ``k_pool`` / ``v_pool`` ``[n_pages, page_size, Hkv, D]``, ``page_table`` int ``[B, max_pages]``, ``kv_lens``
+    int ``[B]``; ``chunk_mask`` bool ``[B, C]`` with ``C`` covering the longest sequence.
+    """
+    outs = []
+    for b, n in enumerate(kv_lens.tolist()):
+        k = gather_pages(k_pool, page_table[b], n)
+        v = gather_pages(v_pool, page_table[b], n)
+        outs.append(sparse_attention_reference(q[b : b + 1], k, v, chunk_mask[b : b + 1, : -(-n // chunk_size)],
+                                               chunk_size, scale))
+    return torch.cat(outs)

@@ -15,7 +15,9 @@ def mask_to_indices(chunk_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                             count: torch.Tensor, *, chunk_size: int, scale: float | None = None,
-                            num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, out: torch.Tensor | None = None,
+                            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """Block-sparse causal attention of ``q`` (the newest ``Tq`` positions) over the chunks ``idx[b, :count[b]]``.
 
     Parameters
@@ -23,11 +25,15 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     q : torch.Tensor
         ``[B, H, Tq, D]`` (fp16/bf16/fp32), ``D`` a power of two.
     k, v : torch.Tensor
-        ``[B, Hkv, Tk, D]``, last dim contiguous (a transformers cache layer as is).
+        ``[B, Hkv, Tk, D]``, last dim contiguous (a transformers cache layer as is); or, with ``page_table``,
+        page pools ``[n_pages, page_size, Hkv, D]`` (``page_size`` a multiple of ``chunk_size``).
     idx, count : torch.Tensor
         int32 ``[B, C]`` and ``[B]``: compacted selection (the selection kernel's output).
     num_splits : int, optional
         Split-K factor; default fills the GPU with about two programs per multiprocessor.
+    page_table, kv_lens : torch.Tensor, optional
+        Paged cache: int32 ``[B, max_pages]`` pool page of each sequence page, and int ``[B]`` key count of each
+        sequence (ragged; the queries are each sequence's last ``Tq`` positions).
 
     Returns
     -------
@@ -39,7 +45,15 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     from .kernel import _combine_kernel, _sparse_attn_split_kernel
 
     b, h, tq, d = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
+    paged = page_table is not None
+    if paged:
+        page_size, hkv = k.shape[1], k.shape[2]
+        kv_lens = _check_paged(b, k, v, page_table, kv_lens, chunk_size)
+        tk = int(page_table.shape[1]) * page_size  # capacity; the kernel reads each sequence's own length
+    else:
+        if kv_lens is not None:
+            raise ValueError("kv_lens is for a paged cache (pass page_table too)")
+        hkv, tk, page_size = k.shape[1], k.shape[2], chunk_size
     if h % hkv:
         raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({hkv})")
     if d & (d - 1) or d < 16:
@@ -58,13 +72,16 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if out is None:
         out = torch.empty_like(q)
     sm_scale = scale if scale is not None else d ** -0.5
+    # strides as (sequence or page, head, position): the paged pool is [page, position, head, D]
+    k_strides = (k.stride(0), k.stride(2), k.stride(1)) if paged else (k.stride(0), k.stride(1), k.stride(2))
+    v_strides = (v.stride(0), v.stride(2), v.stride(1)) if paged else (v.stride(0), v.stride(1), v.stride(2))
+    table = page_table if paged else idx  # any int32 tensor: not read unless PAGED / RAGGED
     _sparse_attn_split_kernel[(hkv, num_splits, b)](
-        q, k, v, idx, count, o_part, m_part, l_part, sm_scale, tk,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), idx.stride(0),
+        q, k, v, idx, count, o_part, m_part, l_part, table, kv_lens if paged else count, sm_scale, tk,
+        table.stride(0), q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, idx.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, CHUNK=chunk_size, CHUNKS_PER_ITER=CHUNKS_PER_ITER,
-        num_warps=4, num_stages=2,
+        PAGED=paged, PAGE=page_size, RAGGED=paged, num_warps=4, num_stages=2,
     )
     _combine_kernel[(hkv, b)](
         o_part, m_part, l_part, out, num_splits,
@@ -73,3 +90,20 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_S=16, num_warps=4,
     )
     return out
+
+
+def _check_paged(b: int, k: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor, kv_lens: torch.Tensor | None,
+                 chunk_size: int) -> torch.Tensor:
+    """Validate a paged cache; returns ``kv_lens`` as int32 on the cache's device."""
+    if k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"paged k and v must both be [n_pages, page_size, Hkv, D], got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    page_size = k.shape[1]
+    if page_size % chunk_size:
+        raise ValueError(f"page_size {page_size} must be a multiple of chunk_size {chunk_size}")
+    if page_table.ndim != 2 or page_table.shape[0] != b or page_table.dtype != torch.int32:
+        raise ValueError(f"page_table must be int32 [B={b}, max_pages], got {page_table.dtype} "
+                         f"{tuple(page_table.shape)}")
+    if kv_lens is None or kv_lens.shape != (b,):
+        raise ValueError(f"a paged cache needs kv_lens [B={b}] (each sequence's key count)")
+    return kv_lens.to(device=k.device, dtype=torch.int32).contiguous()
