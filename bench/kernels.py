@@ -65,20 +65,21 @@ def bench_graph(fn, args, calls: int = 20) -> float:
     return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median") * 1e3 / calls
 
 
-SPLITS = (2, 4, 8, 16, 32)  # cuts of the threshold bracket per search pass; 2 = bisection
+RADIX_BITS = (1, 2, 4)  # threshold bits fixed per search pass; 1 = bisection
 
 
 def check(dev: str, gen: torch.Generator) -> None:
-    for (rows, c), splits in itertools.product(((256, 128), (64, 2048), (16, 8192)), (None, *SPLITS)):
+    for (rows, c), bits in itertools.product(((256, 128), (64, 2048), (16, 8192)), (None, *RADIX_BITS)):
         scores = torch.softmax(torch.randn(rows, c, generator=gen) * 4, -1)
         p = torch.rand(rows, generator=gen) * 0.5 + 0.5
         n_valid = torch.randint(1, c + 1, (rows,), generator=gen)
-        idx, cnt = topp_select_triton(scores.to(dev), p.to(dev), n_valid.to(dev), splits=splits)
+        idx, cnt = topp_select_triton(scores.to(dev), p.to(dev), n_valid.to(dev), radix_bits=bits)
         ref = select_chunks(scores.double().float(), p, n_valid, method="sort")
         got = indices_to_mask(idx.cpu(), cnt.cpu(), c)
         bad = int((got != ref).any(-1).sum())
-        kept = (scores.double() * got).sum(-1) / scores.double().sum(-1)
-        print(f"check rows={rows} chunks={c} splits={splits or 'default'}: {bad} rows differ from the sort reference, "
+        valid = torch.arange(c)[None, :] < n_valid[:, None]
+        kept = (scores.double() * got).sum(-1) / (scores.double() * valid).sum(-1)
+        print(f"check rows={rows} chunks={c} bits/pass={bits or 'default'}: {bad} rows differ from the sort reference, "
               f"min kept mass - p = {float((kept - p.double()).min()):.2e}")
         # float32 sums on device vs float64 cumsum in the reference may split a boundary tie; more is a bug
         if bad > rows // 100:
@@ -152,49 +153,27 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     check(dev, gen)
     check_attention(dev, gen)
-    results, attn, overhead, fi, paged, copy_bw = [], [], {}, {}, [], copy_bandwidth(dev)
-    for keys in ((2048, 8192, 32768, 131072) if "selection" in sections else ()):
-        c = keys // 16
-        sets = []
-        for _ in range(4):
-            s = torch.softmax(torch.randn(args.rows, c, generator=gen) * 3, -1).to(dev)
-            sets.append((s, torch.full((args.rows,), 0.97, device=dev),
-                         torch.full((args.rows,), c, device=dev, dtype=torch.int32)))
-        idx = torch.empty(args.rows, c, dtype=torch.int32, device=dev)
-        cnt = torch.empty(args.rows, dtype=torch.int32, device=dev)
-        k = max(1, c // 4)
-        t_triton = bench(lambda s, p, n: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), sets)
-        t_sort = bench(lambda s, p, n: sort_topp(s, p), sets)
-        t_topk = bench(lambda s, p, n: torch.topk(s, k, dim=-1), sets)
-        g_triton = bench_graph(lambda s, p, n: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), sets[0])
-        g_sort = bench_graph(lambda s, p, n: sort_topp(s, p), sets[0])
-        # the same kernel with 2 (bisection) to 32 cuts per search pass, side by side (default warps)
-        by_splits = {b: bench_graph(lambda s, p, n, b=b: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt,
-                                                                            splits=b), sets[0]) for b in SPLITS}
-        row = {"keys": keys, "chunks": c, "rows": args.rows, "triton_us": t_triton, "sort_topp_us": t_sort,
-               "graph_triton_us_by_splits": by_splits,
-               "topk_us": t_topk, "sort_over_triton": t_sort / t_triton, "topk_over_triton": t_topk / t_triton,
-               "graph_triton_us": g_triton, "graph_sort_topp_us": g_sort, "graph_sort_over_triton": g_sort / g_triton}
-        results.append(row)
-    print(f"\nselection, rows={args.rows} (layers x queries), chunk 16, p=0.97, median us "
-          f"({torch.cuda.get_device_name()}, torch {torch.__version__})")
-    print(f"{'keys':>7} {'chunks':>6} {'triton':>9} {'sort top-p':>11} {'topk(c/4)':>10} {'sort/triton':>12} "
-          f"{'topk/triton':>12} {'graph triton':>13} {'graph sort':>11} {'graph sort/triton':>18}")
-    for r in results:
-        print(f"{r['keys']:>7} {r['chunks']:>6} {r['triton_us']:>9.1f} {r['sort_topp_us']:>11.1f} "
-              f"{r['topk_us']:>10.1f} {r['sort_over_triton']:>12.2f} {r['topk_over_triton']:>12.2f} "
-              f"{r['graph_triton_us']:>13.1f} {r['graph_sort_topp_us']:>11.1f} {r['graph_sort_over_triton']:>18.2f}"
-              f"   graph us by splits: { {b: round(t, 1) for b, t in r['graph_triton_us_by_splits'].items()} }")
+    copy_bw = copy_bandwidth(dev)
+    doc = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "copy_bw_bytes_s": copy_bw,
+                    "sections": sorted(sections)}}
+
+    def save(key, value):  # after every section: a run cut short keeps what it measured
+        doc[key] = value
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+
+    if "selection" in sections:
+        save("selection", bench_selection(dev, gen, args.rows))
     if "attention" in sections:
-        attn = bench_attention(dev, gen, [int(x) for x in args.contexts.split(",")], copy_bw)
-    print(f"\nblock-sparse verification attention, bf16, head_dim 128, median us; copy bandwidth "
-          f"{copy_bw / 1e12:.2f} TB/s; dense = SDPA over all keys")
-    print(f"{'layout':>6} {'keys':>7} {'q':>2} {'density':>7} {'dense':>8} {'sparse':>8} {'speedup':>8} "
-          f"{'sel.bw/copy':>11}")
-    for r in attn:
-        print(f"{r['layout']:>6} {r['keys']:>7} {r['q_len']:>2} {r['density']:>7.2f} {r['dense_sdpa_us']:>8.1f} "
-              f"{r['triton_sparse_us']:>8.1f} {r['speedup']:>8.2f} {r['selected_bw_frac']:>11.2f}")
-    sweep = selection_sweep(dev, gen) if "sweep" in sections else []
+        save("attention", bench_attention(dev, gen, [int(x) for x in args.contexts.split(",")], copy_bw))
+        print(f"\nblock-sparse verification attention, bf16, head_dim 128, median us; copy bandwidth "
+              f"{copy_bw / 1e12:.2f} TB/s; dense = SDPA over all keys")
+        print(f"{'layout':>6} {'keys':>7} {'q':>2} {'density':>7} {'dense':>8} {'sparse':>8} {'speedup':>8} "
+              f"{'sel.bw/copy':>11}")
+        for r in doc["attention"]:
+            print(f"{r['layout']:>6} {r['keys']:>7} {r['q_len']:>2} {r['density']:>7.2f} "
+                  f"{r['dense_sdpa_us']:>8.1f} {r['triton_sparse_us']:>8.1f} {r['speedup']:>8.2f} "
+                  f"{r['selected_bw_frac']:>11.2f}")
     if "overhead" in sections:
         overhead = {name: selection_overhead(dev, sharpness, p) for name, sharpness, p in
                     (("peaked_p0.97", 4.0, 0.97), ("flat_p0.3", 0.5, 0.3))}
@@ -203,57 +182,63 @@ def main() -> None:
                                 (("peaked_p0.97", 4.0, 0.97), ("flat_p0.3", 0.5, 0.3))}
         print(f"\none verification step, 32 layers at 32K keys: one selection launch (32 rows) + 32 sparse "
               f"attentions vs the 32 attentions alone (CUDA graph, us): {json.dumps(overhead['per_step'], indent=1)}")
+        save("selection_overhead_32k", overhead)
     if "paged" in sections:
-        paged = bench_paged(dev, copy_bw)
+        save("paged_attention", bench_paged(dev, copy_bw))
         print("\npaged vs contiguous KV cache, sparse attention at 25% density, q_len 8, median us")
         print(f"{'layout':>6} {'keys':>7} {'page':>5} {'contiguous':>11} {'paged':>8} {'paged/contig':>13} "
               f"{'sel.bw/copy':>11}")
-        for r in paged:
+        for r in doc["paged_attention"]:
             print(f"{r['layout']:>6} {r['keys']:>7} {r['page_size']:>5} {r['contiguous_us']:>11.1f} "
                   f"{r['paged_us']:>8.1f} {r['paged_over_contiguous']:>13.2f} {r['selected_bw_frac']:>11.2f}")
     if "flashinfer" in sections:
-        fi = flashinfer_attempt(dev, gen)
-        print(f"\nFlashInfer: {json.dumps(fi)}")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "copy_bw_bytes_s": copy_bw}
-    Path(args.out).write_text(json.dumps({"meta": meta, "selection": results, "attention": attn,
-                                          "selection_overhead_32k": overhead, "paged_attention": paged,
-                                          "selection_sweep": sweep,
-                                          "flashinfer": fi}, indent=1))
+        save("flashinfer", flashinfer_attempt(dev, gen))
+        print(f"\nFlashInfer: {json.dumps(doc['flashinfer'])}")
+    if "sweep" in sections:  # last: the longest section
+        save("selection_sweep", selection_sweep(dev, gen))
 
 
-def selection_overhead(dev: str, sharpness: float, p_value: float) -> dict:
-    """Selection (one row: this layer's summed draft attention) + sparse attention vs the attention alone.
-    ``sharpness`` scales the random logits of the row (peaked vs flat: low vs ~25% density)."""
-    tk, h, hkv, tq = 32768, 32, 8, 8
-    c = tk // 16
-    q = torch.randn(1, h, tq, 128, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
-    scores = torch.softmax(torch.randn(1, c, device=dev) * sharpness, -1)
-    p = torch.tensor([p_value], device=dev)
-    n_valid = torch.tensor([c], device=dev, dtype=torch.int32)
-    idx = torch.empty(1, c, dtype=torch.int32, device=dev)
-    cnt = torch.empty(1, dtype=torch.int32, device=dev)
-    out = torch.empty_like(q)
-
-    def select_and_attend():
-        topp_select_triton(scores, p, n_valid, keep_recent=1, out_idx=idx, out_count=cnt)
-        sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16, out=out)
-
-    select_and_attend()
-    density = float(cnt.item()) / c
-    t_attn = bench_graph(lambda: sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16, out=out), ())
-    t_both = bench_graph(select_and_attend, ())
-    t_sel = bench_graph(lambda: topp_select_triton(scores, p, n_valid, out_idx=idx, out_count=cnt), ())
-    t_dense = bench_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), ())
-    return {"density": density, "select_us": t_sel, "attention_us": t_attn, "select_plus_attention_us": t_both,
-            "dense_sdpa_us": t_dense, "selection_overhead_frac": (t_both - t_attn) / t_attn}
+def bench_selection(dev: str, gen: torch.Generator, rows: int) -> list[dict]:
+    """Triton vs sort top-p vs torch.topk, eager (rotating inputs) and in CUDA graphs; prints the table."""
+    results = []
+    for keys in (2048, 8192, 32768, 131072):
+        c = keys // 16
+        sets = []
+        for _ in range(4):
+            s = torch.softmax(torch.randn(rows, c, generator=gen) * 3, -1).to(dev)
+            sets.append((s, torch.full((rows,), 0.97, device=dev),
+                         torch.full((rows,), c, device=dev, dtype=torch.int32)))
+        idx = torch.empty(rows, c, dtype=torch.int32, device=dev)
+        cnt = torch.empty(rows, dtype=torch.int32, device=dev)
+        k = max(1, c // 4)
+        t_triton = bench(lambda s, p, n: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), sets)
+        t_sort = bench(lambda s, p, n: sort_topp(s, p), sets)
+        t_topk = bench(lambda s, p, n: torch.topk(s, k, dim=-1), sets)
+        g_triton = bench_graph(lambda s, p, n: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), sets[0])
+        g_sort = bench_graph(lambda s, p, n: sort_topp(s, p), sets[0])
+        # the same kernel with 1 (bisection), 2 and 4 threshold bits per dependent pass, side by side
+        by_bits = {b: bench_graph(lambda s, p, n, b=b: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt,
+                                                                          radix_bits=b), sets[0]) for b in RADIX_BITS}
+        results.append({"keys": keys, "chunks": c, "rows": rows, "triton_us": t_triton, "sort_topp_us": t_sort,
+                        "graph_triton_us_by_radix_bits": by_bits,
+                        "topk_us": t_topk, "sort_over_triton": t_sort / t_triton, "topk_over_triton": t_topk / t_triton,
+                        "graph_triton_us": g_triton, "graph_sort_topp_us": g_sort,
+                        "graph_sort_over_triton": g_sort / g_triton})
+    print(f"\nselection, rows={rows} (layers x queries), chunk 16, p=0.97, median us "
+          f"({torch.cuda.get_device_name()}, torch {torch.__version__})")
+    print(f"{'keys':>7} {'chunks':>6} {'triton':>9} {'sort top-p':>11} {'topk(c/4)':>10} {'sort/triton':>12} "
+          f"{'topk/triton':>12} {'graph triton':>13} {'graph sort':>11} {'graph sort/triton':>18}")
+    for r in results:
+        print(f"{r['keys']:>7} {r['chunks']:>6} {r['triton_us']:>9.1f} {r['sort_topp_us']:>11.1f} "
+              f"{r['topk_us']:>10.1f} {r['sort_over_triton']:>12.2f} {r['topk_over_triton']:>12.2f} "
+              f"{r['graph_triton_us']:>13.1f} {r['graph_sort_topp_us']:>11.1f} {r['graph_sort_over_triton']:>18.2f}"
+              f"   graph us by bits/pass: { {b: round(t, 1) for b, t in r['graph_triton_us_by_radix_bits'].items()} }")
+    return results
 
 
 def selection_sweep(dev: str, gen: torch.Generator) -> list[dict]:
-    """Graph us of the selection kernel over (splits, num_warps) per row length, for the bench's 256 rows and the
-    runtime's one row per layer (32), on peaked and flat rows: what :func:`launch_config` is chosen from."""
+    """Graph us of the selection kernel over (radix bits, num_warps) per row length, for the bench's 256 rows and
+    the runtime's one row per layer (32), on peaked and flat rows: what :func:`launch_config` is chosen from."""
     results = []
     cases = [(keys, rows, dist) for keys in (2048, 8192, 32768, 131072)
              for rows, dist in ((256, ("peaked", 3.0, 0.97)), (256, ("flat", 0.5, 0.9)), (32, ("peaked", 3.0, 0.97)))]
@@ -266,13 +251,16 @@ def selection_sweep(dev: str, gen: torch.Generator) -> list[dict]:
         cnt = torch.empty(rows, dtype=torch.int32, device=dev)
         row = {"keys": keys, "rows": rows, "dist": dist, "p": p_value,
                "sort_topp_us": bench_graph(lambda: sort_topp(s, p), ())}
-        for splits, warps in itertools.product(SPLITS, (4, 8, 16)):
-            row[f"s{splits}_w{warps}"] = bench_graph(lambda: topp_select_triton(
-                s, p, n, out_idx=idx, out_count=cnt, splits=splits, num_warps=warps), ())
-        best = min((k for k in row if k.startswith("s")), key=row.get)
+        for bits, warps in itertools.product((1, 2), (1, 2, 4, 8, 16)):
+            if c >= 8192 and warps <= 2:
+                continue  # 10-20x slower on 8K-chunk rows (old_w1/old_w2 in bench/selection_search_sweep_h100.json)
+            row[f"b{bits}_w{warps}"] = bench_graph(lambda: topp_select_triton(
+                s, p, n, out_idx=idx, out_count=cnt, radix_bits=bits, num_warps=warps), ())
+        best = min((k for k in row if k.startswith("b")), key=row.get)
+        row["default_us"] = bench_graph(lambda: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), ())
         print(f"sweep keys={keys} rows={rows} {dist}: sort {row['sort_topp_us']:.1f} us, default "
-              f"{bench_graph(lambda: topp_select_triton(s, p, n, out_idx=idx, out_count=cnt), ()):.1f} us, best "
-              f"{best} {row[best]:.1f} us; " + " ".join(f"{k}={v:.1f}" for k, v in row.items() if k.startswith("s")))
+              f"{row['default_us']:.1f} us, best "
+              f"{best} {row[best]:.1f} us; " + " ".join(f"{k}={v:.1f}" for k, v in row.items() if k.startswith("b")))
         results.append(row)
     return results
 

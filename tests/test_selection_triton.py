@@ -12,9 +12,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("rows,c", [(3, 5), (8, 63), (5, 300)])
 @pytest.mark.parametrize("peaked", [False, True])
 @pytest.mark.parametrize("keep_recent", [0, 1, 2])
-# splits 2 is plain bisection; 16 with 4 warps loops over 256-chunk tiles once a row has more than 256
-@pytest.mark.parametrize("splits", [2, 4, 16])
-def test_kernel_matches_sort_reference(rows, c, peaked, keep_recent, splits, gen):
+@pytest.mark.parametrize("radix_bits", [1, 3, 4])  # 3 does not divide 31: the top pass has out-of-range digits
+def test_kernel_matches_sort_reference(rows, c, peaked, keep_recent, radix_bits, gen):
     scores = torch.softmax(torch.randn(rows, c, generator=gen) * (6.0 if peaked else 1.0), -1)
     n_valid = torch.randint(max(keep_recent, 1), c + 1, (rows,), generator=gen)
     p = torch.rand(rows, generator=gen) * 0.6 + 0.4
@@ -22,7 +21,7 @@ def test_kernel_matches_sort_reference(rows, c, peaked, keep_recent, splits, gen
     idx = torch.full((rows, c), -7, dtype=torch.int32, device=DEVICE)  # poisoned
     count = torch.full((rows,), -7, dtype=torch.int32, device=DEVICE)
     topp_select_triton(scores.to(DEVICE), p, n_valid, keep_recent=keep_recent, out_idx=idx, out_count=count,
-                       splits=splits, num_warps=4)
+                       radix_bits=radix_bits)
     idx, count = idx.cpu(), count.cpu()
     assert (count >= 1).all() and (count <= n_valid).all()
     for r in range(rows):
@@ -41,9 +40,9 @@ def test_zero_rows_and_ties():
     assert mask[1].all()  # the tie group at the threshold is kept whole
 
 
-@pytest.mark.parametrize("splits", [2, 16])
-def test_neighbouring_float_patterns(splits, gen):
-    """Scores a few ulps apart end the search on a bracket one bit pattern wide (no single-chunk exit)."""
+@pytest.mark.parametrize("radix_bits", [1, 2])
+def test_neighbouring_float_patterns(radix_bits, gen):
+    """Scores a few ulps apart: the search must resolve the threshold down to its last bit."""
     n = 40
     row = torch.ones(n)
     for i in range(1, n):
@@ -51,7 +50,7 @@ def test_neighbouring_float_patterns(splits, gen):
     scores = row[torch.randperm(n, generator=gen)][None].repeat(6, 1)
     scores[3:, ::3] = 1.0  # plus exact ties in rows 3-5
     p = (torch.randint(3, n - 3, (6,), generator=gen) + 0.5) / n  # targets half a chunk from any boundary
-    idx, count = topp_select_triton(scores.to(DEVICE), p, torch.full((6,), n), splits=splits)
+    idx, count = topp_select_triton(scores.to(DEVICE), p, torch.full((6,), n), radix_bits=radix_bits)
     got = indices_to_mask(idx.cpu(), count.cpu(), n)
     ref = select_chunks(scores, p, method="sort")
     assert torch.equal(got[:3], ref[:3])
@@ -60,13 +59,14 @@ def test_neighbouring_float_patterns(splits, gen):
     assert torch.equal(got, ref | (scores == cut[:, None]))
 
 
-@pytest.mark.parametrize("splits,num_warps", [(8, 1), (32, 2)])
-def test_launch_settings_do_not_change_the_result(splits, num_warps, gen):
+@pytest.mark.parametrize("radix_bits,num_warps", [(2, 1), (5, 2)])
+def test_launch_settings_do_not_change_the_result(radix_bits, num_warps, gen):
     scores = torch.softmax(torch.randn(7, 900, generator=gen) * 2.0, -1)
     p = torch.rand(7, generator=gen) * 0.5 + 0.45
     n_valid = torch.randint(2, 901, (7,), generator=gen)
     ref_idx, ref_count = topp_select_triton(scores.to(DEVICE), p, n_valid)
-    idx, count = topp_select_triton(scores.to(DEVICE), p, n_valid, splits=splits, num_warps=num_warps)
-    assert torch.equal(indices_to_mask(idx.cpu(), count.cpu(), 900), indices_to_mask(ref_idx.cpu(), ref_count.cpu(), 900))
-    with pytest.raises(ValueError, match="power of two"):
-        topp_select_triton(scores.to(DEVICE), p, n_valid, splits=12)
+    idx, count = topp_select_triton(scores.to(DEVICE), p, n_valid, radix_bits=radix_bits, num_warps=num_warps)
+    assert torch.equal(indices_to_mask(idx.cpu(), count.cpu(), 900),
+                       indices_to_mask(ref_idx.cpu(), ref_count.cpu(), 900))
+    with pytest.raises(ValueError, match="radix_bits"):
+        topp_select_triton(scores.to(DEVICE), p, n_valid, radix_bits=9)

@@ -98,7 +98,8 @@ def paged_case(gen, lens, h, hkv, tq, d, page_size, dtype=torch.float32):
     v_pool = torch.full_like(k_pool, float("nan"))
     k_seqs, v_seqs, used = [], [], 0
     for b, n in enumerate(lens):
-        k, v = torch.randn(1, hkv, n, d, generator=gen, dtype=dtype), torch.randn(1, hkv, n, d, generator=gen, dtype=dtype)
+        k = torch.randn(1, hkv, n, d, generator=gen, dtype=dtype)
+        v = torch.randn(1, hkv, n, d, generator=gen, dtype=dtype)
         k_seqs.append(k)
         v_seqs.append(v)
         for j in range(pages_per_seq[b]):

@@ -5,20 +5,19 @@ from __future__ import annotations
 import torch
 
 MAX_CHUNKS = 16384  # one row in registers: 16K chunks x 16 tokens = 256K keys
-TERMS_PER_THREAD = 16  # register budget of a search pass's [2 * splits, tile] terms; longer rows loop over tiles
 
 
 def topp_select_triton(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Tensor, *, keep_sink: bool = True,
                        keep_recent: int = 1, out_idx: torch.Tensor | None = None,
-                       out_count: torch.Tensor | None = None, splits: int | None = None,
-                       num_warps: int | None = None, pair_reduce: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       out_count: torch.Tensor | None = None, radix_bits: int | None = None,
+                       num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected chunk indices, compacted: ``(idx int32 [rows, n_chunks], count int32 [rows])``.
 
     Row ``r`` selected ``idx[r, :count[r]]`` (increasing); slots past ``count[r]`` are left untouched.
     ``scores`` float ``[rows, n_chunks]`` (contiguous rows), ``p`` float32 ``[rows]``, ``n_valid`` ``[rows]``.
     Pass ``out_idx`` / ``out_count`` to reuse buffers (nothing is allocated then: CUDA-graph friendly).
-    ``splits`` (cuts of the threshold bracket per search pass, a power of two >= 2; 2 is bisection) and
-    ``num_warps`` default to :func:`launch_config`; they change the speed, never the result.
+    ``radix_bits`` (threshold bits fixed per pass; 1 = bisection, 31 passes) and ``num_warps`` default to
+    :func:`launch_config`; they change the speed, never the result.
     """
     from .kernel import _topp_select_kernel
     import triton
@@ -35,23 +34,39 @@ def topp_select_triton(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Ten
     if out_count is None:
         out_count = torch.empty(rows, dtype=torch.int32, device=scores.device)
     block = max(16, triton.next_power_of_2(n_chunks))
-    default_splits, default_warps = launch_config(block)
-    splits = default_splits if splits is None else int(splits)
+    default_bits, default_warps = launch_config(block, rows, scores.device)
+    radix_bits = default_bits if radix_bits is None else int(radix_bits)
     num_warps = default_warps if num_warps is None else int(num_warps)
-    if splits < 2 or splits & (splits - 1) or splits > 64:
-        raise ValueError(f"splits must be a power of two in [2, 64], got {splits}")
-    tile = min(block, max(16, TERMS_PER_THREAD * 32 * num_warps // (2 * splits)))
+    if not 1 <= radix_bits <= 8:
+        raise ValueError(f"radix_bits must lie in [1, 8], got {radix_bits}")
     _topp_select_kernel[(rows,)](
         scores, p, n_valid, out_idx, out_count, n_chunks, scores.stride(0), out_idx.stride(0),
-        KEEP_SINK=bool(keep_sink), KEEP_RECENT=int(keep_recent), BLOCK=block, SPLITS=splits, TILE=tile,
-        PAIR_REDUCE=pair_reduce, num_warps=num_warps,
+        KEEP_SINK=bool(keep_sink), KEEP_RECENT=int(keep_recent), BLOCK=block, RADIX_BITS=radix_bits,
+        num_warps=num_warps,
     )
     return out_idx, out_count
 
 
-def launch_config(block: int) -> tuple[int, int]:
-    """``(splits, num_warps)`` per padded row length: see bench/RESULTS.md for the H100 sweep behind them."""
-    return 16, 4 if block <= 2048 else 8 if block <= 8192 else 16
+def launch_config(block: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """``(radix_bits, num_warps)`` for rows padded to ``block`` chunks, from the H100 sweeps in bench/RESULTS.md.
+
+    2 bits per pass (16 passes of 4 candidates) beat bisection and 4 bits everywhere measured. The kernel's time is
+    the latency of its dependent block-wide reductions, so warps are a trade: more warps shorten each pass's
+    arithmetic on long rows, fewer make each reduction cheaper. With more rows than multiprocessors the rows
+    also compete for the same SMs, and fewer warps per row win (256 rows of 8K chunks: 4 warps 57 us, 8 warps
+    68 us; 32 rows: 54 vs 31 us). 16K-chunk rows are unmeasured: the 8K choice, doubled.
+    """
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    crowded = rows > n_sm
+    if block <= 128:
+        warps = 1  # 6.2 vs 9.0 us at 4 warps (256 rows of 128 chunks)
+    elif block <= 512:
+        warps = 4
+    elif block <= 8192:
+        warps = 4 if crowded else 8
+    else:
+        warps = 8 if crowded else 16
+    return 2, warps
 
 
 def indices_to_mask(idx: torch.Tensor, count: torch.Tensor, n_chunks: int) -> torch.Tensor:

@@ -47,8 +47,11 @@ def _topp_select_kernel(
         in_range = cand < 2147483648
         cand32 = tl.where(in_range, cand, 2147483647).to(tl.int32)  # past every finite float pattern
         mass = forced_mass + tl.sum(tl.where(bits[None, :] >= cand32[:, None], free[None, :], 0.0), axis=1)
-        ok = (mass >= target) & in_range
-        lo = lo + (tl.max(tl.where(ok, digits, 0), axis=0) << shift)
+        ok = ((mass >= target) & in_range).to(tl.int64)
+        a, b = tl.split(tl.reshape(ok, (2, 2)))  # [2] each: digits (0, 2) and (1, 3)
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        lo = lo + ((a1 + b0 + b1) << shift)
     lo32 = lo.to(tl.int32)
     take = (bits >= lo32) & ((bits > 0) | (lo32 == 0))
     sel = (take & valid & ~forced) | forced
