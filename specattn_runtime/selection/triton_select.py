@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MAX_CHUNKS = 16384  # one row in registers: 16K chunks x 16 tokens = 256K keys
@@ -56,8 +58,7 @@ def launch_config(block: int, rows: int, device: torch.device) -> tuple[int, int
     also compete for the same SMs, and fewer warps per row win (256 rows of 8K chunks: 4 warps 57 us, 8 warps
     68 us; 32 rows: 54 vs 31 us). 16K-chunk rows are unmeasured: the 8K choice, doubled.
     """
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    crowded = rows > n_sm
+    crowded = rows > (_sm_count(device.index) if device.type == "cuda" else 132)
     if block <= 128:
         warps = 1  # 6.2 vs 9.0 us at 4 warps (256 rows of 128 chunks)
     elif block <= 512:
@@ -67,6 +68,12 @@ def launch_config(block: int, rows: int, device: torch.device) -> tuple[int, int
     else:
         warps = 8 if crowded else 16
     return 2, warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()) \
+        .multi_processor_count
 
 
 def indices_to_mask(idx: torch.Tensor, count: torch.Tensor, n_chunks: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ running max, running sum); ``_combine_kernel`` merges the splits.
 
 Two cache layouts, one kernel: contiguous ``[B, Hkv, Tk, D]`` (a transformers cache layer) or paged (``PAGED``):
 pools ``[n_pages, PAGE, Hkv, D]`` and a page table ``[B, max_pages]``. A page holds whole chunks, so a chunk's
-keys are consecutive rows of one page and the paged gather costs one page-table read per chunk. ``RAGGED``
+keys are consecutive rows of one page; the gather adds one page-table read per key (the keys of a chunk read the
+same entry) before its K/V loads: 6-17% on the H100 (bench/RESULTS.md). ``RAGGED``
 reads each sequence's key count from ``len_ptr`` (paged batches are ragged) instead of the scalar ``n_keys``.
 """
 
