@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,16384,65536,131072")
     ap.add_argument("--sections", default="selection,attention,overhead,paged,flashinfer",
                     help="comma-separated subset to run")
+    ap.add_argument("--sweep-keys", default="2048,8192,32768,131072", help="key counts of the sweep section")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     dev = "cuda"
@@ -195,7 +196,7 @@ def main() -> None:
         save("flashinfer", flashinfer_attempt(dev, gen))
         print(f"\nFlashInfer: {json.dumps(doc['flashinfer'])}")
     if "sweep" in sections:  # last: the longest section
-        save("selection_sweep", selection_sweep(dev, gen))
+        save("selection_sweep", selection_sweep(dev, gen, [int(k) for k in args.sweep_keys.split(",")]))
 
 
 def bench_selection(dev: str, gen: torch.Generator, rows: int) -> list[dict]:
@@ -236,11 +237,11 @@ def bench_selection(dev: str, gen: torch.Generator, rows: int) -> list[dict]:
     return results
 
 
-def selection_sweep(dev: str, gen: torch.Generator) -> list[dict]:
+def selection_sweep(dev: str, gen: torch.Generator, keys_list) -> list[dict]:
     """Graph us of the selection kernel over (radix bits, num_warps) per row length, for the bench's 256 rows and
     the runtime's one row per layer (32), on peaked and flat rows: what :func:`launch_config` is chosen from."""
     results = []
-    cases = [(keys, rows, dist) for keys in (2048, 8192, 32768, 131072)
+    cases = [(keys, rows, dist) for keys in keys_list
              for rows, dist in ((256, ("peaked", 3.0, 0.97)), (256, ("flat", 0.5, 0.9)), (32, ("peaked", 3.0, 0.97)))]
     for keys, rows, (dist, sharpness, p_value) in cases:
         c = keys // 16
@@ -263,6 +264,35 @@ def selection_sweep(dev: str, gen: torch.Generator) -> list[dict]:
               f"{best} {row[best]:.1f} us; " + " ".join(f"{k}={v:.1f}" for k, v in row.items() if k.startswith("b")))
         results.append(row)
     return results
+
+
+def selection_overhead(dev: str, sharpness: float, p_value: float) -> dict:
+    """Selection (one row: this layer's summed draft attention) + sparse attention vs the attention alone.
+    ``sharpness`` scales the random logits of the row (peaked vs flat: low vs ~25% density)."""
+    tk, h, hkv, tq = 32768, 32, 8, 8
+    c = tk // 16
+    q = torch.randn(1, h, tq, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, tk, 128, device=dev, dtype=torch.bfloat16)
+    scores = torch.softmax(torch.randn(1, c, device=dev) * sharpness, -1)
+    p = torch.tensor([p_value], device=dev)
+    n_valid = torch.tensor([c], device=dev, dtype=torch.int32)
+    idx = torch.empty(1, c, dtype=torch.int32, device=dev)
+    cnt = torch.empty(1, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+
+    def select_and_attend():
+        topp_select_triton(scores, p, n_valid, keep_recent=1, out_idx=idx, out_count=cnt)
+        sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16, out=out)
+
+    select_and_attend()
+    density = float(cnt.item()) / c
+    t_attn = bench_graph(lambda: sparse_attention_triton(q, k, v, idx, cnt, chunk_size=16, out=out), ())
+    t_both = bench_graph(select_and_attend, ())
+    t_sel = bench_graph(lambda: topp_select_triton(scores, p, n_valid, out_idx=idx, out_count=cnt), ())
+    t_dense = bench_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), ())
+    return {"density": density, "select_us": t_sel, "attention_us": t_attn, "select_plus_attention_us": t_both,
+            "dense_sdpa_us": t_dense, "selection_overhead_frac": (t_both - t_attn) / t_attn}
 
 
 def step_overhead(dev: str, sharpness: float, p_value: float, layers: int = 32) -> dict:

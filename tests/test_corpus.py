@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from pipelines.corpus import split_documents, strip_wiki_markup, text_files, windows_from_token_lists
 

@@ -1,6 +1,5 @@
 """Both notebooks run top to bottom on a real (small) calibration and evaluation, and draw their figures."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -47,8 +47,9 @@ def _topp_select_kernel(
     if KEEP_RECENT > 0:
         forced = forced | (offs >= n_valid - KEEP_RECENT)
     forced = forced & valid
-    free = tl.where(valid & ~forced, s, 0.0)
-    bits = free.to(tl.int32, bitcast=True)  # order-preserving for s >= 0
+    is_free = valid & ~forced
+    free = tl.where(is_free, s, 0.0)
+    bits = tl.where(is_free, free.to(tl.int32, bitcast=True), -1)  # order-preserving for s >= 0; -1: never taken
     total = tl.sum(s, axis=0)
     target = p * total
     forced_mass = tl.sum(tl.where(forced, s, 0.0), axis=0)
@@ -57,23 +58,26 @@ def _topp_select_kernel(
     # masses fall with d (float sums of nested subsets in one fixed order, rounding being monotone), so the
     # largest such digit is the number of digits >= 1 that reach the target.
     N_PASSES: tl.constexpr = (31 + RADIX_BITS - 1) // RADIX_BITS
-    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
+    digits = tl.arange(0, 1 << RADIX_BITS)
+    digits64 = digits.to(tl.int64)
     lo = tl.zeros((), dtype=tl.int64)
     for i in tl.static_range(N_PASSES):
         shift = RADIX_BITS * (N_PASSES - 1 - i)
-        cand = lo + (digits << shift)  # [RADIX] int64: may pass 2**31 in the top pass
+        cand = lo + (digits64 << shift)  # [RADIX] int64: may pass 2**31 in the top pass
         in_range = cand < 2147483648
         cand32 = tl.where(in_range, cand, 2147483647).to(tl.int32)  # past every finite float pattern
         mass = forced_mass + tl.sum(tl.where(bits[None, :] >= cand32[:, None], free[None, :], 0.0), axis=1)
         ok = (mass >= target) & in_range & (digits > 0)  # digit 0 (= lo) reaches the target by the invariant
-        lo = lo + (_count(ok.to(tl.int64), RADIX_BITS) << shift)
+        lo = lo + (_count(ok.to(tl.int32), RADIX_BITS).to(tl.int64) << shift)
     lo32 = lo.to(tl.int32)
+    # zero-score chunks are never needed once some positive mass suffices: bits > 0 unless the threshold is 0
     take = (bits >= lo32) & ((bits > 0) | (lo32 == 0))
-    sel = (take & valid & ~forced) | forced
-    sel = tl.where(forced_mass >= target, forced, sel)
+    sel = tl.where(forced_mass >= target, forced, take | forced)
     dense = (p >= 1.0) | (total <= 0.0)
     sel = tl.where(dense, valid, sel)
     sel_i = sel.to(tl.int32)
     pos = tl.cumsum(sel_i, axis=0) - 1  # output slot of each selected chunk: indices stay sorted
     tl.store(idx_ptr + row * stride_i + pos, offs, mask=sel_i > 0)
-    tl.store(count_ptr + row, tl.sum(sel_i, axis=0))
+    # the count is the scan's last entry, stored by the thread holding it: a block-wide sum would cost one more
+    # reduction (0.2 us of 7.8 at 8K keys, bench/selection_variants_h100.json)
+    tl.store(count_ptr + row + offs * 0, pos + 1, mask=offs == BLOCK - 1)

@@ -52,22 +52,22 @@ def topp_select_triton(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Ten
 def launch_config(block: int, rows: int, device: torch.device) -> tuple[int, int]:
     """``(radix_bits, num_warps)`` for rows padded to ``block`` chunks, from the H100 sweeps in bench/RESULTS.md.
 
-    2 bits per pass (16 passes of 4 candidates) beat bisection and 4 bits everywhere measured. The kernel's time is
-    the latency of its dependent block-wide reductions, so warps are a trade: more warps shorten each pass's
-    arithmetic on long rows, fewer make each reduction cheaper. With more rows than multiprocessors the rows
-    also compete for the same SMs, and fewer warps per row win (256 rows of 8K chunks: 4 warps 57 us, 8 warps
-    68 us; 32 rows: 54 vs 31 us). 16K-chunk rows are unmeasured: the 8K choice, doubled.
+    2 bits per pass (16 passes of 4 candidates) beat 3 and 4 bits everywhere measured, and bisection everywhere
+    but on 512-chunk rows (7.7 vs 7.3 us at one warp, not worth a special case). The kernel's
+    time is the latency of its 16 dependent passes, so warps are a trade: one warp reduces with shuffles alone,
+    no barriers, but does the arithmetic of every chunk of the row; more warps share that arithmetic and pay
+    for a block-wide reduction per pass (0.3 us per pass at 4 warps on 512-chunk rows, 0.55 on 2048: searches
+    cut short in bench/selection_variants_h100.json). With more rows than multiprocessors the rows also compete
+    for the same SMs, and fewer warps per row win.
     """
     crowded = rows > (_sm_count(device.index) if device.type == "cuda" else 132)
-    if block <= 128:
-        warps = 1  # 6.2 vs 9.0 us at 4 warps (256 rows of 128 chunks)
-    elif block <= 512:
-        warps = 4
-    elif block <= 8192:
-        warps = 4 if crowded else 8
-    else:
-        warps = 8 if crowded else 16
-    return 2, warps
+    if block <= 512:
+        return 2, 1  # 8K keys: 7.9 us at 1 warp vs 9.1 at 4 (256 rows); 2K: 4.5 vs 7.4
+    if block <= 1024:
+        return 2, 4  # 16K keys: 9.4 us vs 10.2 at 2 warps and 12.0 at 1 (256 rows); 8.7 vs 9.4 at 8 (32 rows)
+    if block <= 4096:
+        return 2, 4 if crowded else 8  # 32K keys: 12.7 vs 13.7 us at 256 rows, 11.1 vs 10.8 at 32 rows
+    return 2, 16  # 128K keys: 48.1 us vs 55.7 at 4 warps and 60.9 at 8 (256 rows); 256K keys unmeasured
 
 
 @functools.lru_cache(maxsize=None)
