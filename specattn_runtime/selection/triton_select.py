@@ -53,12 +53,12 @@ def launch_config(block: int, rows: int, device: torch.device) -> tuple[int, int
     """``(radix_bits, num_warps)`` for rows padded to ``block`` chunks, from the H100 sweeps in bench/RESULTS.md.
 
     2 bits per pass (16 passes of 4 candidates) beat 3 and 4 bits everywhere measured, and bisection everywhere
-    but on 512-chunk rows (7.7 vs 7.3 us at one warp, not worth a special case). The kernel's
-    time is the latency of its 16 dependent passes, so warps are a trade: one warp reduces with shuffles alone,
-    no barriers, but does the arithmetic of every chunk of the row; more warps share that arithmetic and pay
-    for a block-wide reduction per pass (0.3 us per pass at 4 warps on 512-chunk rows, 0.55 on 2048: searches
-    cut short in bench/selection_variants_h100.json). With more rows than multiprocessors the rows also compete
-    for the same SMs, and fewer warps per row win.
+    but on 512-chunk rows (7.7 vs 7.3 us at one warp, not worth a special case). The kernel's time is the
+    latency of its 16 dependent passes, so warps are a trade: one warp reduces with shuffles alone, no barriers,
+    but does the arithmetic of every chunk of the row; more warps share that arithmetic and pay for a block-wide
+    reduction per pass (0.3 us per pass at 4 warps on 512-chunk rows, 0.55 on 2048: searches cut short in
+    bench/selection_variants_h100.json). With more rows than multiprocessors the rows also compete for the same
+    SMs, and fewer warps per row win.
     """
     crowded = rows > (_sm_count(device.index) if device.type == "cuda" else 132)
     if block <= 512:
