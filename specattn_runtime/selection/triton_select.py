@@ -60,12 +60,12 @@ def launch_config(block: int, rows: int, device: torch.device) -> tuple[int, int
     bench/selection_variants_h100.json). With more rows than multiprocessors the rows also compete for the same
     SMs, and fewer warps per row win.
     """
-    crowded = rows > (_sm_count(device.index) if device.type == "cuda" else 132)
     if block <= 512:
         return 2, 1  # 8K keys: 7.9 us at 1 warp vs 9.1 at 4 (256 rows); 2K: 4.5 vs 7.4
     if block <= 1024:
         return 2, 4  # 16K keys: 9.4 us vs 10.2 at 2 warps and 12.0 at 1 (256 rows); 8.7 vs 9.4 at 8 (32 rows)
     if block <= 4096:
+        crowded = rows > (_sm_count(device.index) if device.type == "cuda" else 132)
         return 2, 4 if crowded else 8  # 32K keys: 12.7 vs 13.7 us at 256 rows, 11.1 vs 10.8 at 32 rows
     return 2, 16  # 128K keys: 48.1 us vs 55.7 at 4 warps and 60.9 at 8 (256 rows); 256K keys unmeasured
 
