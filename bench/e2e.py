@@ -1,30 +1,38 @@
-"""End-to-end decoding speed on a GPU: autoregressive vs dense speculative vs SpecAttn, one process, same models.
+"""End-to-end decoding speed on a GPU: every method in one process, on the same weights, side by side.
 
-Models are real architectures built from their configs with random weights (nothing to download): Llama-2-7B
-target + TinyLlama-1.1B draft (MHA target), Llama-3.1-8B + Llama-3.2-1B (GQA). Random weights show neither
-acceptance nor sparsity, so both are *forced* and printed in every table header:
+Methods (the ``method`` key of each JSON row):
 
-- acceptance: the runtime's ``_accept`` is overridden to accept a fixed pattern of drafts per step whose mean
-  accepted length (tokens per verification) is ``--accepted-length``; the target's token at that position is
-  still computed and read back, as greedy acceptance does;
-- density: the artifact's per-layer p is set to ``--density``; on near-uniform random attention top-p keeps about
-  that share of chunks. The table reports the KV fraction the verification actually read.
+- ``hf_compiled_ar``: what a user who knows transformers already has: ``StaticCache``, prefill in chunks, the
+  one-token step compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)``, greedy, each token read
+  back as it is produced. Its compilation and graph recording are excluded (warm-up steps).
+- ``ar``: this runtime with ``k = 0`` (the decode engine: the target alone, each step a captured graph).
+- ``spec_dense``: this runtime, speculative, every target layer verified densely.
+- ``specattn``: this runtime, speculative, sparse verification.
 
-Everything else is the runtime's real generation path (``SpecAttnRuntime.generate``): k + 1 draft forwards with
-attention recording, the Triton top-p selection, block-sparse Triton verification, cache rollback, Python overhead.
-Defaults for acceptance and density come from the quality evaluation / runtime measurements of the shipped pair.
+Models are real architectures built from their configs with random bf16 weights (nothing to download): Llama-2-7B
+target + TinyLlama-1.1B draft (``llama2``, MHA target), Llama-3.1-8B + Llama-3.2-1B (``llama3``, GQA). Random
+weights show neither acceptance nor sparsity, so both are **forced**, and said so in every table:
 
-    python3 bench/e2e.py --pair llama2 --contexts 4096 16384 32768 65536 --out $OUT/e2e.json
+- acceptance: the engine's acceptance is replaced by a fixed cycle of accepted counts whose mean tokens per step
+  is ``--accepted-length`` (on the device, inside the captured accept phase);
+- density: the artifact's p on every sparse layer is ``--density``; on near-uniform random attention top-p keeps
+  about that share of chunks; rows report the KV share the verification actually read.
+
+Everything else is real: the draft's k + 1 forwards with fused attention recording, Triton top-p selection,
+block-sparse verification, rollback, the host loop with its one read per step. Floors: bytes a step must read
+(weights once per forward, KV of the positions attended) over the measured copy bandwidth.
+
+    python3 bench/e2e.py --pair llama2 --contexts 8192 32768 65536 --out bench/e2e_llama2_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernels import copy_bandwidth  # noqa: E402
 from specattn_runtime import SpecAttnRuntime, hooks  # noqa: E402
-from specattn_runtime.cache import preallocated_cache  # noqa: E402
+from specattn_runtime.engine import DecodeEngine  # noqa: E402
 
 PAIRS = {
     # (target config, draft config): public architecture hyper-parameters
@@ -59,37 +67,25 @@ def build(cfg: dict, max_pos: int):
     return model.eval()
 
 
-class ForcedAcceptance(SpecAttnRuntime):
-    """The runtime with acceptance forced to a fixed cycle averaging ``accepted_length`` tokens per step."""
+class ForcedAcceptance(DecodeEngine):
+    """The engine with its accepted count forced to a fixed cycle averaging ``accepted_length - 1`` drafts per step
+    (set on the class before ``generate``; read into a device buffer when a generation starts)."""
 
-    def __init__(self, *args, accepted_length: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.accepted_length, self._step = accepted_length, 0
+    accepted_length = 1.0
+    CYCLE = 64
 
-    def _accept(self, drafted, q_probs, tlogits, temperature, top_p, gen):
-        k = drafted.numel()
-        self._step += 1
-        # accepted drafts this step: floor / ceil of (L - 1) so the running mean is L - 1
-        n = min(k, math.floor(self._step * (self.accepted_length - 1)) - math.floor((self._step - 1) *
-                                                                                  (self.accepted_length - 1)))
-        return n, int(tlogits[n].argmax())  # reads the target's token back to the host, like greedy acceptance
+    def start(self, *args, **kwargs) -> None:
+        super().start(*args, **kwargs)
+        a = self.accepted_length - 1
+        cycle = [min(self.k, math.floor(s * a) - math.floor((s - 1) * a)) for s in range(1, self.CYCLE + 1)]
+        if not hasattr(self, "schedule"):
+            self.schedule = torch.zeros(self.CYCLE, dtype=torch.int64, device=self.device)
+        self.schedule.copy_(torch.tensor(cycle))
 
-
-@torch.no_grad()
-def autoregressive(target, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy decoding of the target alone, through the same attention function and cache type."""
-    cache = preallocated_cache(target.config.num_hidden_layers, ids.shape[1] + new_tokens + 1)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    target(ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    cur = ids[:, -1:]
-    for _ in range(new_tokens):
-        nxt = int(target(cur, past_key_values=cache, use_cache=True).logits[0, -1].argmax())  # host sync per token
-        cur = torch.tensor([[nxt]], device=ids.device)
-    t2 = time.perf_counter()
-    return {"decode_tokens_per_second": new_tokens / (t2 - t1), "time_prefill": t1 - t0}
+    def _accept(self):
+        n = self.schedule.index_select(0, self.step_no % self.CYCLE)
+        target = self.tlogits.argmax(-1)  # the target's tokens are computed and emitted, as greedy would
+        return n, target
 
 
 def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2):
@@ -106,81 +102,173 @@ def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2):
     return Artifact(torch.tensor(layer_map, dtype=torch.int32), torch.tensor(top_p), torch.zeros(n_t, n_d), meta)
 
 
-@dataclass
-class Floor:
-    """Bytes one step must read, over the measured copy bandwidth."""
+class Bytes:
+    """Bytes one forward must read: weights (the embedding table only as the LM head, when tied) and KV."""
 
-    copy_bw: float  # bytes / s
-
-    def step_seconds(self, model, ctx: int, kv_fraction: float, q_len: int) -> float:
+    def __init__(self, model):
         cfg = model.config
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-        return (weights + kv * ctx * kv_fraction) / self.copy_bw
+        self.weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if not cfg.tie_word_embeddings:  # an untied input embedding reads one row per token, not the table
+            self.weights -= model.get_input_embeddings().weight.numel() * 2
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.kv_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+
+    def forward(self, ctx: int, kv_fraction: float = 1.0) -> float:
+        return self.weights + self.kv_per_position * ctx * kv_fraction
+
+
+@torch.no_grad()
+def hf_compiled_ar(model, ids: torch.Tensor, new_tokens: int, chunk: int = 4096) -> dict:
+    """transformers' StaticCache + compiled one-token step, greedy; decode tokens/s after warm-up."""
+    from transformers import StaticCache
+
+    model.set_attn_implementation("sdpa")
+    try:
+        n = ids.shape[1]
+        cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
+        for s in range(0, n - 1, chunk):
+            model(input_ids=ids[:, s : min(s + chunk, n - 1)], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+
+        def step(tok):
+            return model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        cur = ids[:, -1:].clone()
+        t0 = time.perf_counter()
+        for _ in range(4):  # compile, record the CUDA graph, replay once (these tokens extend the context by 4)
+            torch.compiler.cudagraph_mark_step_begin()
+            cur = compiled(cur).clone()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            torch.compiler.cudagraph_mark_step_begin()
+            nxt = compiled(cur)
+            int(nxt)  # read each token back, as a generation loop that streams or checks EOS does
+            cur = nxt.clone()
+        t2 = time.perf_counter()
+        return {"tokens_per_second": new_tokens / (t2 - t1), "step_ms": 1e3 * (t2 - t1) / new_tokens,
+                "compile_s": t1 - t0}
+    finally:
+        model.set_attn_implementation("specattn")
+
+
+def reset_compiled() -> None:
+    """Free what the HF path's compilation holds (its CUDA-graph pool keeps the static cache alive)."""
+    torch._dynamo.reset()
+    try:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+    except ImportError:
+        pass
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_ours(rt: SpecAttnRuntime, ids: torch.Tensor, new_tokens: int, k: int, accepted_length: float) -> dict:
+    ForcedAcceptance.accepted_length = accepted_length
+    rt.generate(ids[0], 2 * (k + 1), k=k, eos_token_id=None)  # capture (first use) + a short warm run
+    out = rt.generate(ids[0], new_tokens, k=k, eos_token_id=None)
+    s = out.stats
+    per_step = 1e3 / s.steps
+    kv = sum(s.kv_read_fraction) / len(s.kv_read_fraction)
+    return {"tokens_per_second": s.decode_tokens_per_second, "step_ms": s.time_decode * per_step,
+            "split_ms": {"draft": s.time_draft * per_step, "select": s.time_select * per_step,
+                         "verify": s.time_verify * per_step,
+                         "other": (s.time_decode - s.time_draft - s.time_select - s.time_verify) * per_step},
+            "measured_accepted_length": s.mean_accepted_length, "kv_read_all_layers": kv, "steps": s.steps}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", choices=sorted(PAIRS), default="llama2")
-    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
-    ap.add_argument("--k", type=int, nargs="+", default=[4])
-    ap.add_argument("--accepted-length", type=float, nargs="+", default=[1.07],
-                    help="forced mean tokens per verification; default: the shipped pair's measurement")
-    ap.add_argument("--density", type=float, default=0.35,
-                    help="forced p per sparse layer; default: the quality evaluation's calibrated KV read")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
+    ap.add_argument("--k", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--accepted-length", type=float, nargs="+", default=[2.0, 3.0],
+                    help="forced mean tokens per verification (random weights cannot show acceptance)")
+    ap.add_argument("--density", type=float, nargs="+", default=[0.2, 0.4],
+                    help="forced p on every sparse layer (random weights cannot show sparsity)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline (debugging only)")
     ap.add_argument("--out", default="bench/e2e.json")
     args = ap.parse_args()
-    # cuDNN SDPA plans anew for every KV length (~1.4 ms host time per layer per step on an H100): the runtime
-    # leaves it out inside generate(); the autoregressive baseline gets the same treatment here.
-    torch.backends.cuda.enable_cudnn_sdp(False)
     t_cfg, d_cfg = PAIRS[args.pair]
-    max_pos = max(args.contexts) + args.new_tokens + max(args.k) + 16
+    max_pos = max(args.contexts) + 4 * args.new_tokens + max(args.k) + 64
+    torch.manual_seed(0)
     target, draft = build(t_cfg, max_pos), build(d_cfg, max_pos)
-    floor = Floor(copy_bandwidth("cuda"))
     n_t, n_d = target.config.num_hidden_layers, draft.config.num_hidden_layers
-    sparse_art, dense_art = artifact_for(n_t, n_d, args.density), artifact_for(n_t, n_d, 1.0)
-    rows = []
+    bw = copy_bandwidth("cuda")
+    tb, db = Bytes(target), Bytes(draft)
+    meta = {"pair": args.pair, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "copy_bandwidth_GBs": bw / 1e9, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "forced": "acceptance length and per-layer density are forced inputs (random weights)", **vars(args)}
+    rows: list[dict] = []
+
+    def save():
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
     for ctx in args.contexts:
         ids = torch.randint(0, t_cfg["vocab_size"], (1, ctx), device="cuda")
-        autoregressive(target, ids, 2)  # warm-up at this context: kernels specialise on its sizes
-        ar = autoregressive(target, ids, args.new_tokens)
+        ar_floor_ms = 1e3 * tb.forward(ctx) / bw
+        base = {"pair": args.pair, "context": ctx}
+        rts = {"spec_dense": SpecAttnRuntime(artifact_for(n_t, n_d, 1.0), draft, target)}
+        for d in args.density:
+            rts[d] = SpecAttnRuntime(artifact_for(n_t, n_d, d), draft, target)
+        first = rts["spec_dense"]
+        for rt in rts.values():
+            rt.engine_class = ForcedAcceptance
+            rt.share_caches_with(first)
+        res = run_ours(first, ids, args.new_tokens, 0, 1.0)
+        rows.append(base | {"k": None, "accepted_length": None, "density": None, "method": "ar", **res,
+                            "floor_ms": ar_floor_ms, "bytes_bound_speedup_over_ar": 1.0})
         for k in args.k:
             for acc in args.accepted_length:
-                res = {}
-                for name, art in (("spec_dense", dense_art), ("specattn", sparse_art)):
-                    rt = ForcedAcceptance(art, draft, target, accepted_length=acc)  # backend/selection auto: Triton
-                    # warm-up at this context: Triton compiles per row length (selection) and per chunk count
-                    rt.generate(ids[0], 2 * k, k=k, eos_token_id=None)
-                    out = rt.generate(ids[0], args.new_tokens, k=k, eos_token_id=None)
-                    res[name] = out.stats.summary() | {"kv_read_per_layer": out.stats.kv_read_fraction}
-                s = res["specattn"]
-                kv = sum(s["kv_read_per_layer"]) / n_t
-                step = (s["time_draft"] + s["time_select"] + s["time_verify"] + s["time_other"]) / s["steps"]
-                verify_floor = floor.step_seconds(target, ctx, kv, k + 1)
-                rows.append({
-                    "context": ctx, "k": k, "accepted_length_forced": acc, "density_forced": args.density,
-                    "ar": ar, **res, "kv_read_all_layers": kv,
-                    "specattn_over_spec_dense": s["decode_tokens_per_second"] / res["spec_dense"]["decode_tokens_per_second"],
-                    "specattn_over_ar": s["decode_tokens_per_second"] / ar["decode_tokens_per_second"],
-                    "step_ms": 1e3 * step, "verify_ms": 1e3 * s["time_verify"] / s["steps"],
-                    "verify_floor_ms": 1e3 * verify_floor,
-                    "step_floor_ms": 1e3 * (verify_floor + (k + 1) * floor.step_seconds(draft, ctx, 1.0, 1)),
-                })
-                r = rows[-1]
-                print(f"ctx {ctx:>6} k {k} acc {acc:.2f} | tok/s AR {ar['decode_tokens_per_second']:7.1f} "
-                      f"spec-dense {res['spec_dense']['decode_tokens_per_second']:7.1f} "
-                      f"SpecAttn {s['decode_tokens_per_second']:7.1f} | x{r['specattn_over_spec_dense']:.2f} vs spec, "
-                      f"x{r['specattn_over_ar']:.2f} vs AR | KV read {kv:.3f} | step {r['step_ms']:.2f} ms "
-                      f"(floor {r['step_floor_ms']:.2f}) verify {r['verify_ms']:.2f} (floor {r['verify_floor_ms']:.2f})",
-                      flush=True)
+                for key, rt in rts.items():
+                    res = run_ours(rt, ids, args.new_tokens, k, acc)
+                    kv = res["kv_read_all_layers"]
+                    floor_ms = 1e3 * ((k + 1) * db.forward(ctx) + tb.forward(ctx, kv)) / bw
+                    rows.append(base | {"k": k, "accepted_length": acc, "density": None if key == "spec_dense" else key,
+                                        "method": "spec_dense" if key == "spec_dense" else "specattn", **res,
+                                        "floor_ms": floor_ms,
+                                        "bytes_bound_speedup_over_ar": acc / floor_ms * ar_floor_ms})
+                    print(f"ctx {ctx} k {k} acc {acc} {key}: {res['tokens_per_second']:.1f} tok/s, step "
+                          f"{res['step_ms']:.2f} ms (floor {floor_ms:.2f}) split {res['split_ms']}", flush=True)
+                save()
+        for rt in rts.values():
+            rt.release_caches()
+        if not args.skip_hf:
+            hf = hf_compiled_ar(target, ids, args.new_tokens)
+            rows.append(base | {"k": None, "accepted_length": None, "density": None, "method": "hf_compiled_ar", **hf,
+                                "floor_ms": ar_floor_ms, "bytes_bound_speedup_over_ar": 1.0})
+            reset_compiled()
+        hf_tps = next((r["tokens_per_second"] for r in rows if r["context"] == ctx and r["method"] == "hf_compiled_ar"),
+                      None)
+        for r in rows:
+            if r["context"] == ctx:
+                r["speedup_over_hf"] = r["tokens_per_second"] / hf_tps if hf_tps else None
+                r["floor_fraction"] = r["floor_ms"] / r["step_ms"]
+        save()
         del ids
+        gc.collect()
         torch.cuda.empty_cache()
-    meta = {"pair": args.pair, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "copy_bandwidth_GBs": floor.copy_bw / 1e9, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "forced": "acceptance length and per-layer density are forced inputs (random weights)", **vars(args)}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print_table(rows)
     print(f"wrote {args.out}")
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| context | method | k | acc. len (forced) | density (forced) | KV read | tok/s | x HF | step ms | floor ms "
+          "| floor/step | bytes-bound x AR | draft / select / verify / other ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        split = r.get("split_ms")
+        split_s = " / ".join(f"{split[p]:.2f}" for p in ("draft", "select", "verify", "other")) if split else "-"
+        kv = r.get("kv_read_all_layers")
+        x_hf = r.get("speedup_over_hf")
+        print(f"| {r['context']} | {r['method']} | {r['k'] or '-'} | {r['accepted_length'] or '-'} | "
+              f"{r['density'] or '-'} | {f'{kv:.3f}' if kv is not None else '-'} | {r['tokens_per_second']:.1f} | "
+              f"{f'{x_hf:.2f}' if x_hf else '-'} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
+              f"{r['floor_ms'] / r['step_ms']:.2f} | {r['bytes_bound_speedup_over_ar']:.2f} | {split_s} |")
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--sections", default="selection,attention,overhead,paged,flashinfer",
                     help="comma-separated subset to run")
     ap.add_argument("--sweep-keys", default="2048,8192,32768,131072", help="key counts of the sweep section")
+    ap.add_argument("--decode-keys", default="8192,32768,131072", help="key counts of the decode section")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     dev = "cuda"
@@ -195,6 +196,8 @@ def main() -> None:
     if "flashinfer" in sections:
         save("flashinfer", flashinfer_attempt(dev, gen))
         print(f"\nFlashInfer: {json.dumps(doc['flashinfer'])}")
+    if "decode" in sections:
+        save("decode", bench_decode(dev, copy_bw, [int(x) for x in args.decode_keys.split(",")]))
     if "sweep" in sections:  # last: the longest section
         save("selection_sweep", selection_sweep(dev, gen, [int(k) for k in args.sweep_keys.split(",")]))
 
@@ -413,3 +416,57 @@ def flashinfer_attempt(dev: str, gen: torch.Generator) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# (query heads, KV heads, head_dim) of the end-to-end pairs' models (bench/e2e.py)
+DECODE_LAYOUTS = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "tinyllama-1.1b": (32, 4, 64),
+                  "llama3.2-1b": (32, 8, 64)}
+DECODE_CONFIGS = [(cpi, w, st) for cpi in (4, 8) for w in (4, 8) for st in (2, 3)]  # chunks/tile, warps, stages
+
+
+def bench_decode(dev: str, copy_bw: float, keys_list, sweep_keys: int = 32768) -> list[dict]:
+    """The decode engine's dense attention (the split-K kernel reading every chunk up to a device-side length, over
+    a cache 2,048 positions longer than the keys) vs SDPA over exactly the keys, q_len 1 (a decode step) and 5
+    (a k = 4 verification), CUDA graphs. At ``sweep_keys`` every launch setting is timed, elsewhere the default;
+    also the cost of recording chunk-pooled attention in the same kernel (the draft's mapped layers)."""
+    import torch.nn.functional as F
+
+    rows = []
+    print(f"\ndense decode attention over a preallocated cache, bf16, us (CUDA graph); copy {copy_bw / 1e12:.2f} TB/s")
+    print(f"{'layout':>15} {'keys':>7} {'q':>2} {'sdpa':>8} {'ours':>8} {'best':>8} {'best cfg':>12} {'record':>8} "
+          f"{'bw/copy':>8}")
+    for name, (h, hkv, d) in DECODE_LAYOUTS.items():
+        for keys in keys_list:
+            cap = keys + 2048
+            k = torch.randn(1, hkv, cap, d, device=dev, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            lens = torch.tensor([keys], dtype=torch.int32, device=dev)
+            for tq in (1, 5):
+                q = torch.randn(1, h, tq, d, device=dev, dtype=torch.bfloat16)
+                out = torch.empty_like(q)
+                ks, vs = k[:, :, :keys], v[:, :, :keys]
+                ref = F.scaled_dot_product_attention(q, ks, vs, enable_gqa=h != hkv) if tq == 1 else None
+                t_sdpa = bench_graph(lambda: F.scaled_dot_product_attention(q, ks, vs, enable_gqa=h != hkv), ())
+                timings = {}
+                for cfg in DECODE_CONFIGS if keys == sweep_keys else [(4, 4, 2)]:
+                    def run(cfg=cfg):
+                        sparse_attention_triton(q, k, v, None, None, chunk_size=16, kv_lens=lens, out=out,
+                                                chunks_per_iter=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+                    run()
+                    if ref is not None:
+                        err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                        assert err < 2e-2, f"{name} {keys} {cfg}: relative error {err:.2e}"
+                    timings[cfg] = bench_graph(run, ())
+                best = min(timings, key=timings.get)
+                rec = torch.zeros(1, -(-cap // 16), device=dev)
+                t_rec = bench_graph(lambda: sparse_attention_triton(q, k, v, None, None, chunk_size=16, kv_lens=lens,
+                                                                    out=out, record=rec), ()) if tq == 1 else None
+                kv_bytes = 2 * hkv * keys * d * 2
+                row = {"layout": name, "keys": keys, "q_len": tq, "sdpa_us": t_sdpa, "ours_us": timings[(4, 4, 2)],
+                       "best_us": timings[best], "best_cfg": list(best), "record_us": t_rec,
+                       "all_cfg_us": {str(c): t for c, t in timings.items()},
+                       "kv_bw_frac": kv_bytes / (timings[best] * 1e-6 * copy_bw)}
+                rows.append(row)
+                print(f"{name:>15} {keys:>7} {tq:>2} {t_sdpa:>8.1f} {row['ours_us']:>8.1f} {row['best_us']:>8.1f} "
+                      f"{str(best):>12} {t_rec or 0:>8.1f} {row['kv_bw_frac']:>8.2f}", flush=True)
+    return rows

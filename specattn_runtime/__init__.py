@@ -5,7 +5,8 @@ import time.
 """
 
 from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from .runtime import GenerationOutput, GenerationStats, SpecAttnRuntime
+from .runtime import SpecAttnRuntime
+from .stats import GenerationOutput, GenerationStats
 
 __version__ = "0.1.0"
 __all__ = ["Artifact", "ArtifactError", "GenerationOutput", "GenerationStats", "SpecAttnRuntime", "load_artifact",

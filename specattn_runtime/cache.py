@@ -22,6 +22,17 @@ class PreallocatedLayer(DynamicLayer):
         self.capacity = int(capacity)
         self.length = 0
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, length: int = 0) -> "PreallocatedLayer":
+        """A layer writing into existing buffers ``[B, Hkv, capacity, D]`` whose first ``length`` positions are
+        already filled (the decode engine's caches, prefilled through transformers' forward)."""
+        layer = cls(keys.shape[2])
+        layer.dtype, layer.device = keys.dtype, keys.device
+        layer._k, layer._v, layer.length = keys, values, int(length)
+        layer._views()
+        layer.is_initialized = True
+        return layer
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape

@@ -8,6 +8,9 @@ call (prefill, plain decoding) it is transformers' SDPA attention. During specul
   their head-averaged, chunk-pooled row for the new query to ``rows[layer]``;
 - the target's verification forward (``mode="verify"``): layers with a chunk selection in ``chunk_masks`` call
   the block-sparse attention backend; the others (dense layers) stay on SDPA.
+
+Inside the decode engine (keyword ``specattn_engine=True``, no transformers cache) every layer goes to the
+engine's attention op instead, which owns the cache writes (``engine/forward.py``).
 """
 
 from __future__ import annotations
@@ -35,9 +38,16 @@ class StepState:
 
 
 def _specattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        specattn_state: StepState | None = None, **kwargs):
+                        specattn_state: StepState | None = None, specattn_engine: bool = False, **kwargs):
     st, layer = specattn_state, getattr(module, "layer_idx", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if kwargs.get("s_aux") is not None or kwargs.get("sliding_window") is not None:
+        raise ValueError(f"{type(module).__name__} passes attention sinks or a sliding window to its attention, "
+                         "which SpecAttn's attention does not implement yet")
+    if specattn_engine:
+        from .engine.forward import engine_attention
+
+        return engine_attention(query, key, value, layer, float(scale)), None
     if st is not None and st.mode == "draft" and layer in st.record_layers:
         out, probs = softmax_attention(query, key, value, attention_mask, scale)
         row = pool_to_chunks(probs[:, :, -1].float().mean(1), st.chunk_size)  # newest query, head-averaged: [B, C]

@@ -7,78 +7,31 @@ One step (batch 1):
 2. per sparse target layer, the rows of its draft layer are summed and top-p selected (sink chunk and every chunk
    holding a verified position always kept): one chunk set per layer, shared by all ``k + 1`` verified queries;
 3. the target verifies the ``k + 1`` positions in one forward, sparse layers through the block-sparse backend;
-4. greedy or rejection-sampling acceptance; both caches are cropped back to the accepted prefix.
+4. greedy or rejection-sampling acceptance; both caches are rolled back to the accepted prefix.
+
+Two implementations of that step behind one ``generate``: the static-shape decode engine (``engine/``:
+preallocated caches with device-side lengths, attention reading them, each phase captured as a CUDA graph, one
+host read per step), the default on CUDA; and the eager loop (``eager.py``: transformers' caches, host control
+flow), the default elsewhere and the reference the engine is tested against. ``k = 0`` decodes the target alone
+(plain autoregressive decoding through the same attention and caches).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import hooks
+from . import hooks, rng
 from .artifact import Artifact, load_artifact
-from .cache import preallocated_cache
+from .engine import DecodeEngine, KVStore, SparsePlan, check_supported, make_forward
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
-from .sampling import greedy_accept, logits_to_probs, speculative_accept
-from .selection import select_chunks
+from .stats import GenerationOutput, GenerationStats
 
-
-@dataclass
-class GenerationStats:
-    steps: int = 0  # target verification passes
-    drafted: int = 0
-    accepted: int = 0  # drafted tokens the target accepted
-    kv_read_sum: list[float] = field(default_factory=list)  # per target layer, summed over steps
-    time_draft: float = 0.0
-    time_select: float = 0.0
-    time_verify: float = 0.0
-    time_prefill: float = 0.0
-    time_total: float = 0.0
-    new_tokens: int = 0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens emitted per verification pass (accepted drafts + the target's own token)."""
-        return (self.accepted + self.steps) / max(self.steps, 1)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / max(self.drafted, 1)
-
-    @property
-    def kv_read_fraction(self) -> list[float]:
-        """Per target layer: mean fraction of the KV rows its verification attention read."""
-        return [s / max(self.steps, 1) for s in self.kv_read_sum]
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / max(self.time_total, 1e-9)
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens per second after the prompt is prefilled (what long-context decoding speed means)."""
-        return self.new_tokens / max(self.time_total - self.time_prefill, 1e-9)
-
-    def summary(self) -> dict:
-        kv = self.kv_read_fraction
-        return {"new_tokens": self.new_tokens, "steps": self.steps, "mean_accepted_length": self.mean_accepted_length,
-                "acceptance_rate": self.acceptance_rate, "kv_read_mean": sum(kv) / max(len(kv), 1),
-                "tokens_per_second": self.tokens_per_second,
-                "decode_tokens_per_second": self.decode_tokens_per_second, "time_prefill": self.time_prefill,
-                "time_draft": self.time_draft,
-                "time_select": self.time_select, "time_verify": self.time_verify,
-                "time_other": self.time_total - self.time_prefill - self.time_draft - self.time_select
-                - self.time_verify}
-
-
-@dataclass
-class GenerationOutput:
-    tokens: list[int]  # new tokens only
-    stats: GenerationStats
+ENGINES = ("auto", "static", "eager")
+CAPACITY_STEP = 2048  # caches (and the graphs captured over them) come in multiples of this many positions
 
 
 def check_against_models(art: Artifact, draft_dir: Path, target_dir: Path, n_draft: int, n_target: int,
@@ -107,17 +60,34 @@ def check_against_models(art: Artifact, draft_dir: Path, target_dir: Path, n_dra
 
 
 class SpecAttnRuntime:
-    """Sparse speculative generation driven by a calibration artifact. Build with :meth:`from_artifact`."""
+    """Sparse speculative generation driven by a calibration artifact. Build with :meth:`from_artifact`.
+
+    ``engine``: ``"static"`` (the decode engine; CUDA graphs and ``torch.compile`` on CUDA), ``"eager"`` (the
+    reference loop) or ``"auto"`` (static on CUDA, eager elsewhere). ``compile`` (default: on CUDA) fuses each
+    model forward of the static engine with ``torch.compile``.
+    """
+
+    engine_class = DecodeEngine  # benchmarks substitute a subclass (forced acceptance on random weights)
 
     def __init__(self, artifact: Artifact, draft, target, tokenizer=None, *, backend: str = "auto",
-                 selection: str = "auto", exact_dense_shortcut: bool = True):
+                 selection: str = "auto", exact_dense_shortcut: bool = True, engine: str = "auto",
+                 compile: bool | None = None):
         self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
         on_cuda = next(target.parameters()).is_cuda
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = ("static" if on_cuda else "eager") if engine == "auto" else engine
+        self.compile = on_cuda if compile is None else bool(compile)
         if selection == "auto":  # the Triton kernel where it compiles, the same search in torch elsewhere
             selection = "triton" if on_cuda else "threshold"
         if backend == "auto":
             backend = "triton" if on_cuda else "torch"
         self.backend, self.selection = backend, selection
+        if self.engine == "static" and backend not in ("triton", "torch"):
+            raise ValueError(f"the decode engine reads its selections on the device; backend {backend!r} plans on "
+                             "the host every step: use engine='eager' with it, or backend 'triton' / 'torch'")
+        for m in (draft, target):
+            check_supported(m.config, triton=backend == "triton")
         self.chunk_size = artifact.chunk_size
         self.layer_map = artifact.layer_map.tolist()
         self.top_p = artifact.top_p.tolist()
@@ -127,8 +97,13 @@ class SpecAttnRuntime:
                               if i >= 0 and (p < 1.0 or not exact_dense_shortcut)]
         self.record_layers = frozenset(self.layer_map[j] for j in self.sparse_layers)
         self._sparse_p = torch.tensor([self.top_p[j] for j in self.sparse_layers])
-        # GPU work is asynchronous: the time split is only honest if each phase has finished when it is read.
+        self.plan = SparsePlan(tuple(self.sparse_layers), tuple(self.layer_map[j] for j in self.sparse_layers),
+                               tuple(self.top_p[j] for j in self.sparse_layers), self.chunk_size)
+        # GPU work is asynchronous: the eager loop's time split is only honest if each phase has finished.
         self._sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+        self._caches = _Caches()
+        self._engines: dict[tuple, DecodeEngine] = {}
+        self._forwards: dict[str, object] = {}
 
     @classmethod
     def from_artifact(cls, path: str | Path, *, draft: str | Path, target: str | Path, device: str = "cpu",
@@ -144,6 +119,8 @@ class SpecAttnRuntime:
             Local model directories.
         allow_mismatch : bool
             Accept differing config/weight/tokenizer hashes (layer counts must still match).
+        **kwargs
+            ``engine``, ``compile``, ``exact_dense_shortcut``: see the class.
         """
         art = load_artifact(path)
         d, t = check_model_dir(draft, "draft"), check_model_dir(target, "target")
@@ -155,43 +132,7 @@ class SpecAttnRuntime:
         return cls(art, draft_model, target_model, load_tokenizer(t, "target"), backend=backend, selection=selection,
                    **kwargs)
 
-    # -- one speculative step, in small pieces -------------------------------------------------------------------
-
-    def _select(self, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
-        """Chunk selection per sparse target layer for verifying the last ``n_verify`` of ``n_keys`` positions.
-
-        Returns ``({target layer: selection}, counts)``: a selection is the Triton kernel's compacted
-        ``(idx [1, C], count [1])`` or, for the torch methods, a bool mask ``[1, C]``; ``sparse_attention`` takes
-        either form. ``counts`` int ``[n_sparse]`` stays on device.
-        """
-        c = -(-n_keys // self.chunk_size)
-        scores = {}
-        for i, rs in rows.items():  # sum of the k + 1 draft rows, each padded to the full chunk count
-            acc = torch.zeros(rs[0].shape[0], c, device=rs[0].device)
-            for r in rs:
-                acc[:, : r.shape[1]] += r
-            scores[i] = acc
-        s = torch.cat([scores[self.layer_map[j]] for j in self.sparse_layers])  # [n_sparse, C]
-        p = self._sparse_p.to(s.device)
-        recent = c - (n_keys - n_verify) // self.chunk_size  # every verified position's chunk stays
-        if self.selection == "triton":
-            from .selection.triton_select import topp_select_triton
-
-            n_valid = torch.full((s.shape[0],), c, dtype=torch.int32, device=s.device)
-            idx, count = topp_select_triton(s, p, n_valid, keep_recent=recent)
-            return {j: (idx[r : r + 1], count[r : r + 1]) for r, j in enumerate(self.sparse_layers)}, count
-        mask = select_chunks(s, p, method=self.selection, keep_recent=recent)
-        return {j: mask[r : r + 1] for r, j in enumerate(self.sparse_layers)}, mask.sum(-1)
-
-    def _accept(self, drafted: torch.Tensor, q_probs: list[torch.Tensor], tlogits: torch.Tensor,
-                temperature: float, top_p: float, gen) -> tuple[int, int]:
-        """``(accepted drafts, next token)``: greedy, or rejection sampling when ``temperature > 0``.
-
-        Benchmarks with random weights override this to force an acceptance length (``bench/e2e.py``).
-        """
-        if temperature > 0:
-            return speculative_accept(drafted, torch.stack(q_probs), logits_to_probs(tlogits, temperature, top_p), gen)
-        return greedy_accept(drafted, tlogits)
+    # -- generation ---------------------------------------------------------------------------------------------
 
     def generate(self, prompt_ids, max_new_tokens: int = 256, *, k: int = 6, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_id: int | None = None, seed: int | None = None,
@@ -203,107 +144,72 @@ class SpecAttnRuntime:
         prompt_ids : sequence of int or torch.Tensor
             ``[n]`` or ``[1, n]`` token ids, ``n >= 1``.
         k : int
-            Drafted tokens per verification.
+            Drafted tokens per verification; ``0`` decodes the target alone (autoregressive, no draft).
         temperature, top_p : float
             ``temperature == 0``: greedy; otherwise sampling with nucleus ``top_p`` through rejection sampling.
         eos_token_id : int, optional
             Defaults to the tokenizer's; generation stops after emitting it.
+        seed : int, optional
+            Seeds the sampling draws (the same seed gives the same tokens on every engine); default: drawn from
+            torch's default generator.
         on_tokens : callable, optional
             Called with each step's list of new tokens (for streaming).
 
-        On CUDA the dense layers' SDPA runs without the cuDNN backend, scoped to this call: cuDNN builds a new
-        plan for every KV length, ~1.4 ms of host time per layer and step on an H100 (bench/RESULTS.md).
+        The static engine captures its CUDA graphs on the first call for a given ``k``, sampling mode and cache
+        size (``stats.time_capture``; later calls reuse them) and reuses the cached prompt prefix of the previous
+        call (only the new suffix is prefilled).
         """
-        args = (prompt_ids, max_new_tokens, k, temperature, top_p, eos_token_id, seed, on_tokens)
-        if not next(self.target.parameters()).is_cuda:
-            return self._generate(*args)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return self._generate(*args)
-
-    @torch.no_grad()
-    def _generate(self, prompt_ids, max_new_tokens, k, temperature, top_p, eos_token_id, seed,
-                  on_tokens) -> GenerationOutput:
-        dev = next(self.target.parameters()).device
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).reshape(1, -1)
-        n = ids.shape[1]
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()
+        n = len(ids)
         if n == 0:
             raise ValueError("prompt_ids is empty; give at least one token")
-        if k < 1 or max_new_tokens < 1:
-            raise ValueError(f"k and max_new_tokens must be >= 1, got k={k}, max_new_tokens={max_new_tokens}")
-        limit = min(self.target.config.max_position_embeddings, self.draft.config.max_position_embeddings)
+        if k < 0 or max_new_tokens < 1:
+            raise ValueError(f"k must be >= 0 and max_new_tokens >= 1, got k={k}, max_new_tokens={max_new_tokens}")
+        limit = min(self.target.config.max_position_embeddings,
+                    self.draft.config.max_position_embeddings if k else self.target.config.max_position_embeddings)
         if n + max_new_tokens + k + 1 > limit:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} + k={k} exceeds the models' "
                              f"context of {limit} tokens; shorten the prompt or generate fewer tokens")
+        if temperature > 0 and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
-        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        stats = GenerationStats()
-        kv_read = torch.zeros(len(self.sparse_layers), dtype=torch.float64, device=dev)  # summed on device: no sync
-        t_start = time.perf_counter()
+        seed = rng.new_seed() if seed is None else int(seed) % 2**62
+        args = (ids, max_new_tokens, k, temperature, top_p, eos_token_id, seed, on_tokens)
+        if self.engine == "static":
+            return self._generate_static(*args)
+        from .eager import generate_eager
 
-        capacity = n + max_new_tokens + k + 1  # written in place: no per-step copy of the whole cache
-        dcache = preallocated_cache(self.draft.config.num_hidden_layers, capacity)
-        tcache = preallocated_cache(self.target.config.num_hidden_layers, capacity)
-        if n > 1:  # prefill everything but the last token, densely; it is fed as the first query of step 1
-            self.draft(ids[:, :-1], past_key_values=dcache, use_cache=True, logits_to_keep=1)
-            self.target(ids[:, :-1], past_key_values=tcache, use_cache=True, logits_to_keep=1)
+        if not next(self.target.parameters()).is_cuda:
+            return generate_eager(self, *args)
+        # cuDNN's SDPA builds a new plan for every KV length, ~1.4 ms of host time per layer and step on an H100
+        # (bench/RESULTS.md): the eager loop runs without it, scoped to this call.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return generate_eager(self, *args)
+
+    @torch.no_grad()
+    def _generate_static(self, ids: list[int], max_new_tokens: int, k: int, temperature: float, top_p: float,
+                         eos_token_id: int | None, seed: int, on_tokens) -> GenerationOutput:
+        stats = GenerationStats(engine="static", accepted_hist=[0] * (k + 1))
+        t_start = time.perf_counter()
+        sampling = "greedy" if temperature <= 0 else ("sample_top_p" if top_p < 1.0 else "sample")
+        eng = self._engine_for(k, sampling, len(ids) + max_new_tokens + k + 1)
+        eng.capture()
+        t_prefill = time.perf_counter()
+        stats.time_capture = t_prefill - t_start  # cache allocation, warm-up and graph capture: first use only
+        for role in ("target", "draft") if k else ("target",):
+            eng.store.prefill(role, ids[:-1])
+        eng.start(len(ids) - 1, ids[-1], seed=seed, temperature=max(temperature, 1e-6), top_p=top_p)
         self._sync()
-        stats.time_prefill = time.perf_counter() - t_start
-        cur = ids[:, -1:]
+        stats.time_prefill = time.perf_counter() - t_prefill
         out: list[int] = []
         while len(out) < max_new_tokens:
-            # 1. draft k tokens (+ one forward that only fills the cache and records the last row)
-            self._sync()
-            t0 = time.perf_counter()
-            dstate = hooks.StepState("draft", self.chunk_size, record_layers=self.record_layers)
-            drafted, q_probs, tok = [], [], cur
-            for s in range(k + 1):
-                logits = self.draft(tok, past_key_values=dcache, use_cache=True, specattn_state=dstate).logits[0, -1]
-                if s == k:
-                    break
-                if temperature > 0:
-                    q = logits_to_probs(logits, temperature, top_p)
-                    q_probs.append(q)
-                    nxt = torch.multinomial(q, 1, generator=gen)
-                else:
-                    nxt = logits.argmax(-1, keepdim=True)
-                drafted.append(nxt)
-                tok = nxt.view(1, 1)
-            drafted_t = torch.cat(drafted)  # [k]
-            self._sync()
-            t1 = time.perf_counter()
-            # 2. select chunks per sparse target layer
-            n_keys = n + k  # keys the verification sees: the cache (n - 1) + cur + k drafted
-            masks, counts = self._select(dstate.rows, n_keys, k + 1) if self.sparse_layers else ({}, None)
-            self._sync()
-            t2 = time.perf_counter()
-            # 3. verify k + 1 positions
-            vstate = hooks.StepState("verify", self.chunk_size, chunk_masks=masks, backend=self.backend)
-            block = torch.cat([cur.view(1), drafted_t]).view(1, -1)
-            tlogits = self.target(block, past_key_values=tcache, use_cache=True, specattn_state=vstate).logits[0]
-            self._sync()
-            t3 = time.perf_counter()
-            # 4. accept, then roll both caches back to the accepted prefix
-            n_acc, nxt = self._accept(drafted_t, q_probs, tlogits, temperature, top_p, gen)
-            new = drafted_t[:n_acc].tolist() + [nxt]
-            if n_acc < k:  # both caches hold n + k positions; drop the k - n_acc rejected ones
-                dcache.crop(n_acc - k)
-                tcache.crop(n_acc - k)
-            n += n_acc + 1
-            cur = torch.tensor([[nxt]], device=dev)
-
+            new = eng.step()
             stats.steps += 1
-            stats.drafted += k
-            stats.accepted += n_acc
-            if counts is not None:
-                pad = -(-n_keys // self.chunk_size) * self.chunk_size - n_keys  # the newest chunk is always read
-                kv_read += (counts.double() * self.chunk_size - pad) / n_keys
-            stats.time_draft += t1 - t0
-            stats.time_select += t2 - t1
-            stats.time_verify += t3 - t2
-
+            stats.accepted += len(new) - 1
+            stats.accepted_hist[len(new) - 1] += 1
             if eos_token_id is not None and eos_token_id in new:
                 new = new[: new.index(eos_token_id) + 1]
             new = new[: max_new_tokens - len(out)]
@@ -312,9 +218,61 @@ class SpecAttnRuntime:
                 on_tokens(new)
             if eos_token_id is not None and new and new[-1] == eos_token_id:
                 break
-        stats.kv_read_sum = [float(stats.steps)] * len(self.layer_map)  # dense layers read everything
-        for j, v in zip(self.sparse_layers, kv_read.tolist()):
-            stats.kv_read_sum[j] = v
+        stats.drafted = k * stats.steps
+        stats.kv_read_sum = [float(stats.steps)] * len(self.layer_map)
+        if k:
+            for j, v in zip(self.plan.sparse_layers, eng.kv_read_sum()):
+                stats.kv_read_sum[j] = v
+        times = eng.times  # the accept phase and the host loop are what "other" is made of
+        stats.time_draft, stats.time_select, stats.time_verify = times.draft, times.select, times.verify
         stats.new_tokens = len(out)
         stats.time_total = time.perf_counter() - t_start
         return GenerationOutput(out, stats)
+
+    # -- the decode engine's caches and graphs ------------------------------------------------------------------
+
+    def _engine_for(self, k: int, sampling: str, need: int) -> DecodeEngine:
+        """The engine for ``(k, sampling)`` over caches of at least ``need`` positions (built and captured once)."""
+        caches = self._caches
+        if caches.store is None or caches.store.capacity < need:
+            self.release_caches()
+            limit = self.target.config.max_position_embeddings
+            capacity = min(-(-need // CAPACITY_STEP) * CAPACITY_STEP, max(limit, need))
+            caches.store = KVStore({"target": self.target, "draft": self.draft}, capacity)
+        key = (k, sampling)
+        eng = self._engines.get(key)
+        if eng is None or eng.store is not caches.store:  # new, or its caches were replaced through a sharer
+            plan = self.plan if k else SparsePlan(chunk_size=self.chunk_size)
+            eng = self._engines[key] = self.engine_class(
+                self.target, self.draft, caches.store, plan, k, self._model_forwards(), sampling=sampling,
+                backend=self.backend, graphs=next(self.target.parameters()).is_cuda)
+        return eng
+
+    def _model_forwards(self) -> dict:
+        if not self._forwards:
+            self._forwards = {"target": make_forward(self.target, self.compile),
+                              "draft": make_forward(self.draft, self.compile)}
+        return self._forwards
+
+    def share_caches_with(self, other: "SpecAttnRuntime") -> None:
+        """Use the same preallocated caches as ``other`` (same model objects): comparing artifacts on one long
+        prompt then needs one set of caches and one prefill. The two must not generate at the same time."""
+        if other.target is not self.target or other.draft is not self.draft:
+            raise ValueError("share_caches_with needs a runtime over the same draft and target model objects")
+        self._engines.clear()
+        self._caches = other._caches
+        self._forwards = self._forwards or other._forwards  # compiled forwards are per model too
+
+    def release_caches(self) -> None:
+        """Free the decode engine's caches and graphs (shared caches: for every sharer); the next static
+        ``generate`` allocates and captures again."""
+        self._engines.clear()
+        self._caches.store = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class _Caches:
+    """The KV store a runtime uses, in a holder that ``share_caches_with`` hands to other runtimes."""
+
+    store: KVStore | None = None

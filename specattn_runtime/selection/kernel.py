@@ -31,9 +31,10 @@ def _count(flags, LOG2: tl.constexpr):
 
 @triton.jit
 def _topp_select_kernel(
-    scores_ptr, p_ptr, n_valid_ptr, idx_ptr, count_ptr,
+    scores_ptr, p_ptr, n_valid_ptr, recent_ptr, idx_ptr, count_ptr,
     n_chunks, stride_s, stride_i,
-    KEEP_SINK: tl.constexpr, KEEP_RECENT: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+    KEEP_SINK: tl.constexpr, KEEP_RECENT: tl.constexpr, RECENT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -44,7 +45,9 @@ def _topp_select_kernel(
     forced = offs < 0  # all False
     if KEEP_SINK:
         forced = forced | (offs == 0)
-    if KEEP_RECENT > 0:
+    if RECENT_FROM_PTR:
+        forced = forced | (offs >= tl.load(recent_ptr + row))
+    elif KEEP_RECENT > 0:
         forced = forced | (offs >= n_valid - KEEP_RECENT)
     forced = forced & valid
     is_free = valid & ~forced

@@ -8,14 +8,15 @@ from .common import valid_and_forced
 
 
 def topp_mask_reference(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Tensor, *,
-                        keep_sink: bool = True, keep_recent: int = 1) -> torch.Tensor:
+                        keep_sink: bool = True, keep_recent: int = 1,
+                        recent_start: torch.Tensor | None = None) -> torch.Tensor:
     """Sort the free chunks by score, keep the shortest prefix that brings the mass to ``>= p * total``.
 
     ``scores`` float ``[rows, n_chunks]``, ``p`` float32 ``[rows]``, ``n_valid`` int64 ``[rows]``; returns bool
     ``[rows, n_chunks]``. Arithmetic in float64 so that this stays the reference for float32 kernels.
     """
     rows, n_chunks = scores.shape
-    valid, forced = valid_and_forced(n_valid, n_chunks, keep_sink, keep_recent)
+    valid, forced = valid_and_forced(n_valid, n_chunks, keep_sink, keep_recent, recent_start)
     s = torch.where(valid, scores.double(), 0.0)
     total = s.sum(-1)  # [rows]
     target = p.double() * total

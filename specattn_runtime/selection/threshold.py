@@ -15,10 +15,12 @@ SEARCH_STEPS = 31  # bits of a non-negative float32 pattern
 
 
 def topp_mask_threshold(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Tensor, *,
-                        keep_sink: bool = True, keep_recent: int = 1) -> torch.Tensor:
-    """Same contract as :func:`topp_mask_reference`; returns bool ``[rows, n_chunks]``."""
+                        keep_sink: bool = True, keep_recent: int = 1,
+                        recent_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as :func:`topp_mask_reference` (``recent_start``: see ``valid_and_forced``); returns bool
+    ``[rows, n_chunks]``. No host synchronisation: the decode engine captures it in a graph."""
     rows, n_chunks = scores.shape
-    valid, forced = valid_and_forced(n_valid, n_chunks, keep_sink, keep_recent)
+    valid, forced = valid_and_forced(n_valid, n_chunks, keep_sink, keep_recent, recent_start)
     s = torch.where(valid, scores.float(), 0.0)
     free = torch.where(valid & ~forced, s, 0.0)
     bits = free.view(torch.int32)  # monotone in the value for s >= 0

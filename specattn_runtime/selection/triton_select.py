@@ -10,7 +10,8 @@ MAX_CHUNKS = 16384  # one row in registers: 16K chunks x 16 tokens = 256K keys
 
 
 def topp_select_triton(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Tensor, *, keep_sink: bool = True,
-                       keep_recent: int = 1, out_idx: torch.Tensor | None = None,
+                       keep_recent: int = 1, recent_start: torch.Tensor | None = None,
+                       out_idx: torch.Tensor | None = None,
                        out_count: torch.Tensor | None = None, radix_bits: int | None = None,
                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected chunk indices, compacted: ``(idx int32 [rows, n_chunks], count int32 [rows])``.
@@ -18,6 +19,9 @@ def topp_select_triton(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Ten
     Row ``r`` selected ``idx[r, :count[r]]`` (increasing); slots past ``count[r]`` are left untouched.
     ``scores`` float ``[rows, n_chunks]`` (contiguous rows), ``p`` float32 ``[rows]``, ``n_valid`` ``[rows]``.
     Pass ``out_idx`` / ``out_count`` to reuse buffers (nothing is allocated then: CUDA-graph friendly).
+    ``recent_start`` int32 ``[rows]`` (device): keep every chunk from ``recent_start[r]`` on instead of the
+    ``keep_recent`` newest; the decode engine's verified positions move every step, their chunk index stays on
+    the device.
     ``radix_bits`` (threshold bits fixed per pass; 1 = bisection, 31 passes) and ``num_warps`` default to
     :func:`launch_config`; they change the speed, never the result.
     """
@@ -41,10 +45,13 @@ def topp_select_triton(scores: torch.Tensor, p: torch.Tensor, n_valid: torch.Ten
     num_warps = default_warps if num_warps is None else int(num_warps)
     if not 1 <= radix_bits <= 8:
         raise ValueError(f"radix_bits must lie in [1, 8], got {radix_bits}")
+    from_ptr = recent_start is not None
+    if from_ptr:
+        recent_start = recent_start.to(device=scores.device, dtype=torch.int32)
     _topp_select_kernel[(rows,)](
-        scores, p, n_valid, out_idx, out_count, n_chunks, scores.stride(0), out_idx.stride(0),
-        KEEP_SINK=bool(keep_sink), KEEP_RECENT=int(keep_recent), BLOCK=block, RADIX_BITS=radix_bits,
-        num_warps=num_warps,
+        scores, p, n_valid, recent_start if from_ptr else n_valid, out_idx, out_count, n_chunks, scores.stride(0),
+        out_idx.stride(0), KEEP_SINK=bool(keep_sink), KEEP_RECENT=int(keep_recent), RECENT_FROM_PTR=from_ptr,
+        BLOCK=block, RADIX_BITS=radix_bits, num_warps=num_warps,
     )
     return out_idx, out_count
 

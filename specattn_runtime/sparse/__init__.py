@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import key_mask_from_chunks, sparse_attention_paged_reference, sparse_attention_reference
+from .reference import (attention_with_lengths_reference, key_mask_from_chunks, sparse_attention_paged_reference,
+                        sparse_attention_reference)
 
 BACKENDS = ("torch", "triton", "flashinfer")
 
@@ -55,4 +56,4 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
 
 
 __all__ = ["sparse_attention", "sparse_attention_reference", "sparse_attention_paged_reference",
-           "key_mask_from_chunks", "BACKENDS"]
+           "attention_with_lengths_reference", "key_mask_from_chunks", "BACKENDS"]

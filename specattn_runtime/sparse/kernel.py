@@ -11,7 +11,14 @@ Two cache layouts, one kernel: contiguous ``[B, Hkv, Tk, D]`` (a transformers ca
 pools ``[n_pages, PAGE, Hkv, D]`` and a page table ``[B, max_pages]``. A page holds whole chunks, so a chunk's
 keys are consecutive rows of one page; the gather adds one page-table read per key (the keys of a chunk read the
 same entry) before its K/V loads: 6-17% on the H100 (bench/RESULTS.md). ``RAGGED``
-reads each sequence's key count from ``len_ptr`` (paged batches are ragged) instead of the scalar ``n_keys``.
+reads each sequence's key count from ``len_ptr`` (paged batches are ragged; the decode engine keeps its lengths on
+the device so that one captured graph serves every step) instead of the scalar ``n_keys``.
+
+``DENSE`` reads every chunk up to the key count (no index buffer): the same kernel is the engine's dense decode
+attention with a device-side length. ``RECORD`` also writes, per query row and chunk it reads, the chunk's max
+logit and its sum of exponentials relative to that max (log2 domain). Once the row's log-sum-exp is known
+(``_combine_kernel`` writes it), the chunk's attention mass is ``l_c * 2**(m_c - lse)``: the draft's chunk-pooled
+attention, computed without a probability matrix and without a second pass over the keys.
 """
 
 import triton
@@ -21,7 +28,8 @@ import triton.language as tl
 @triton.jit
 def _sparse_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, o_part_ptr, m_part_ptr, l_part_ptr,
-    table_ptr, len_ptr, sm_scale, n_keys, stride_tb,
+    table_ptr, len_ptr, rec_m_ptr, rec_l_ptr, sm_scale, n_keys, stride_tb,
+    stride_rb, stride_rh, stride_rm,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -29,7 +37,7 @@ def _sparse_attn_split_kernel(
     stride_ob, stride_oh, stride_os, stride_om,
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr, CHUNKS_PER_ITER: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-    RAGGED: tl.constexpr,
+    RAGGED: tl.constexpr, DENSE: tl.constexpr, RECORD: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -50,7 +58,10 @@ def _sparse_attn_split_kernel(
 
     # Groups of CHUNKS_PER_ITER selected chunks are dealt round-robin to the splits: every split gets its share
     # of however many chunks were selected, with no host sync to learn the count.
-    count = tl.load(count_ptr + b)
+    if DENSE:
+        count = tl.cdiv(n_keys, CHUNK)
+    else:
+        count = tl.load(count_ptr + b)
     n_groups = tl.cdiv(count, CHUNKS_PER_ITER)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -62,7 +73,10 @@ def _sparse_attn_split_kernel(
     for grp in range(split, n_groups, tl.num_programs(1)):
         slot = grp * CHUNKS_PER_ITER + offs_n // CHUNK
         slot_ok = slot < count
-        chunk = tl.load(idx_ptr + b * stride_ib + slot, mask=slot_ok, other=0)
+        if DENSE:
+            chunk = slot
+        else:
+            chunk = tl.load(idx_ptr + b * stride_ib + slot, mask=slot_ok, other=0)
         key_pos = chunk * CHUNK + offs_n % CHUNK
         key_ok = slot_ok & (key_pos < n_keys)
         if PAGED:  # stride_kb / stride_vb step over pages; rows of a page are positions
@@ -77,6 +91,21 @@ def _sparse_attn_split_kernel(
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         visible = key_ok[None, :] & (key_pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
+        if RECORD:  # per chunk of this tile: max logit and sum of 2^(s - max), for rows and chunks actually read
+            s3 = tl.reshape(s, (BLOCK_M, CHUNKS_PER_ITER, CHUNK))
+            cm = tl.max(s3, axis=2)
+            cm = tl.where(cm == float("-inf"), 0.0, cm)  # a chunk this row cannot see: l = 0 below, mass 0
+            cl = tl.sum(tl.exp2(s3 - cm[:, :, None]), axis=2)
+            cslot = grp * CHUNKS_PER_ITER + tl.arange(0, CHUNKS_PER_ITER)
+            cok = cslot < count
+            if DENSE:
+                cid = cslot
+            else:
+                cid = tl.load(idx_ptr + b * stride_ib + cslot, mask=cok, other=0)
+            r_ptrs = b * stride_rb + kvh * stride_rh + offs_m[:, None] * stride_rm + cid[None, :]
+            r_ok = row_ok[:, None] & cok[None, :]
+            tl.store(rec_m_ptr + r_ptrs, cm, mask=r_ok)
+            tl.store(rec_l_ptr + r_ptrs, cl, mask=r_ok)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # rows that have seen nothing yet keep m = -inf: shift by 0 there to avoid inf - inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -95,13 +124,14 @@ def _sparse_attn_split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, n_splits,
+    o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n_splits,
     stride_ob, stride_oh, stride_os, stride_om,
     stride_outb, stride_outh, stride_outt,
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, RECORD: tl.constexpr,
 ):
-    """Merge split partials: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, per row."""
+    """Merge split partials: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, per row; with ``RECORD``
+    also each row's log2-sum-exp2 ``M + log2(L)`` into ``lse_ptr`` ``[B, Hkv, GROUP * Q_LEN]``."""
     kvh = tl.program_id(0)
     b = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -122,8 +152,36 @@ def _combine_kernel(
                     + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         acc += w[:, None] * o
     out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]  # padding rows have l = 0 and are not stored
+    if RECORD:
+        lse = m_safe + tl.log2(tl.where(l_tot > 0, l_tot, 1.0))
+        tl.store(lse_ptr + (b * tl.num_programs(0) + kvh) * (GROUP * Q_LEN) + offs_m, lse, mask=row_ok)
     g = offs_m // Q_LEN
     t = offs_m % Q_LEN
     out_ptrs = out_ptr + b * stride_outb + (kvh * GROUP + g)[:, None] * stride_outh + t[:, None] * stride_outt \
         + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _pool_record_kernel(
+    rec_m_ptr, rec_l_ptr, lse_ptr, len_ptr, scores_ptr, n_rows, n_cap, weight,
+    stride_rb, stride_rrow, stride_sb,
+    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``scores[b, c] += weight * sum_rows l[row, c] * 2^(m[row, c] - lse[row])`` for the chunks ``c`` the rows
+    could read (``c < ceil(len / CHUNK)``; entries past it were never written). One program per block of chunks;
+    the rows are summed in a fixed order, so the result does not depend on the launch."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_keys = tl.load(len_ptr + b)
+    ok = offs < tl.cdiv(n_keys, CHUNK)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r in range(0, n_rows):
+        lse = tl.load(lse_ptr + b * n_rows + r)
+        m = tl.load(rec_m_ptr + b * stride_rb + r * stride_rrow + offs, mask=ok, other=0.0)
+        l_c = tl.load(rec_l_ptr + b * stride_rb + r * stride_rrow + offs, mask=ok, other=0.0)
+        acc += tl.where(ok & (l_c > 0), l_c * tl.exp2(m - lse), 0.0)  # l = 0: never read, or no mass
+    in_cap = offs < n_cap
+    prev = tl.load(scores_ptr + b * stride_sb + offs, mask=in_cap, other=0.0)
+    tl.store(scores_ptr + b * stride_sb + offs, prev + weight * acc, mask=in_cap)

@@ -68,3 +68,53 @@ def sparse_attention_paged_reference(q: torch.Tensor, k_pool: torch.Tensor, v_po
         outs.append(sparse_attention_reference(q[b : b + 1], k, v, chunk_mask[b : b + 1, : -(-n // chunk_size)],
                                                chunk_size, scale))
     return torch.cat(outs)
+
+
+def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor,
+                                     chunk_mask: torch.Tensor | None = None, *, chunk_size: int,
+                                     scale: float | None = None, record: torch.Tensor | None = None,
+                                     record_weight: float | None = None) -> torch.Tensor:
+    """Causal attention over a preallocated cache whose valid length lives in a tensor (the decode engine's form).
+
+    Static shapes, no host read of the lengths: what the engine's torch backend runs, and the reference for the
+    Triton kernel's ``kv_lens`` / dense / ``record`` modes.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, H, Tq, D]``, the queries at positions ``kv_lens[b] - Tq .. kv_lens[b] - 1``.
+    k, v : torch.Tensor
+        ``[B, Hkv, cap, D]``; positions ``>= kv_lens[b]`` are never read (whatever they hold).
+    kv_lens : torch.Tensor
+        int ``[B]``.
+    chunk_mask : torch.Tensor, optional
+        bool ``[B, >= ceil(cap / chunk_size)]``: the selected chunks; ``None`` = dense.
+    record : torch.Tensor, optional
+        float32 ``[B, >= ceil(cap / chunk_size)]``: ``record_weight`` (default ``1 / H``) times the attention mass
+        of each chunk, summed over heads and queries, is added to it.
+    """
+    b, h, tq, d = q.shape
+    hkv, cap = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else d ** -0.5
+    key_pos = torch.arange(cap, device=q.device)
+    q_pos = kv_lens.to(q.device).long()[:, None] - tq + torch.arange(tq, device=q.device)  # [B, Tq]
+    visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Tq, cap]: causal, hence also < kv_lens
+    if chunk_mask is not None:
+        n_chunks = -(-cap // chunk_size)
+        visible = visible & key_mask_from_chunks(chunk_mask[:, :n_chunks], cap, chunk_size)[:, None, :]
+    if record is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=scale,
+                                              enable_gqa=h != hkv)
+    qg = q.reshape(b, hkv, (h // hkv) * tq, d)  # GQA: a KV group's query heads are consecutive
+    logits = torch.matmul(qg, k.transpose(2, 3)).view(b, h, tq, cap) * scale
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    out = torch.matmul(probs.to(q.dtype).view(b, hkv, (h // hkv) * tq, cap), v).view(b, h, tq, v.shape[-1])
+    mass = probs.view(b, h * tq, cap)
+    pad = -cap % chunk_size
+    if pad:
+        mass = F.pad(mass, (0, pad))
+    pooled = mass.view(b, h * tq, -1, chunk_size).sum(-1).sum(1)  # [B, C]
+    weight = (1.0 / h) if record_weight is None else float(record_weight)
+    record[:, : pooled.shape[1]] += weight * pooled
+    return out

@@ -13,10 +13,12 @@ def mask_to_indices(chunk_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return idx, chunk_mask.sum(-1, dtype=torch.int32)
 
 
-def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                            count: torch.Tensor, *, chunk_size: int, scale: float | None = None,
+def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None,
+                            count: torch.Tensor | None, *, chunk_size: int, scale: float | None = None,
                             num_splits: int | None = None, out: torch.Tensor | None = None,
-                            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None
+                            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
+                            record: torch.Tensor | None = None, record_weight: float | None = None,
+                            chunks_per_iter: int = CHUNKS_PER_ITER, num_warps: int = 4, num_stages: int = 2
                             ) -> torch.Tensor:
     """Block-sparse causal attention of ``q`` (the newest ``Tq`` positions) over the chunks ``idx[b, :count[b]]``.
 
@@ -27,13 +29,24 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     k, v : torch.Tensor
         ``[B, Hkv, Tk, D]``, last dim contiguous (a transformers cache layer as is); or, with ``page_table``,
         page pools ``[n_pages, page_size, Hkv, D]`` (``page_size`` a multiple of ``chunk_size``).
-    idx, count : torch.Tensor
-        int32 ``[B, C]`` and ``[B]``: compacted selection (the selection kernel's output).
+    idx, count : torch.Tensor or None
+        int32 ``[B, C]`` and ``[B]``: compacted selection (the selection kernel's output). ``None`` for both:
+        dense, every chunk up to the key count.
     num_splits : int, optional
         Split-K factor; default fills the GPU with about two programs per multiprocessor.
-    page_table, kv_lens : torch.Tensor, optional
-        Paged cache: int32 ``[B, max_pages]`` pool page of each sequence page, and int ``[B]`` key count of each
-        sequence (ragged; the queries are each sequence's last ``Tq`` positions).
+    page_table : torch.Tensor, optional
+        Paged cache: int32 ``[B, max_pages]``, the pool page of each sequence page.
+    kv_lens : torch.Tensor, optional
+        int ``[B]`` key count of each sequence, read on the device (the queries are each sequence's last ``Tq``
+        positions). Required with ``page_table`` (ragged batches); with a contiguous ``k`` / ``v`` it lets ``Tk``
+        be a preallocated capacity of which only the first ``kv_lens[b]`` positions are valid.
+    record : torch.Tensor, optional
+        float32 ``[B, >= ceil(Tk / chunk_size)]``: adds ``record_weight`` (default ``1 / H``) times each chunk's
+        attention mass, summed over heads and queries, to this buffer (the head-averaged, chunk-pooled
+        attention the draft records), computed inside the attention kernel.
+    chunks_per_iter, num_warps, num_stages : int
+        Launch settings (chunks gathered per key tile, warps, software-pipelining depth): the speed, never the
+        result (``bench/kernels.py --sections decode`` sweeps them).
 
     Returns
     -------
@@ -42,18 +55,21 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     """
     import triton
 
-    from .kernel import _combine_kernel, _sparse_attn_split_kernel
+    from .kernel import _combine_kernel, _pool_record_kernel, _sparse_attn_split_kernel
 
     b, h, tq, d = q.shape
     paged = page_table is not None
+    dense = idx is None
+    if dense != (count is None):
+        raise ValueError("pass both idx and count (a selection) or neither (dense attention)")
     if paged:
         page_size, hkv = k.shape[1], k.shape[2]
         kv_lens = _check_paged(b, k, v, page_table, kv_lens, chunk_size)
         tk = int(page_table.shape[1]) * page_size  # capacity; the kernel reads each sequence's own length
     else:
-        if kv_lens is not None:
-            raise ValueError("kv_lens is for a paged cache (pass page_table too)")
         hkv, tk, page_size = k.shape[1], k.shape[2], chunk_size
+        if kv_lens is not None:
+            kv_lens = _check_lens(b, kv_lens, k.device)
     if h % hkv:
         raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({hkv})")
     if d & (d - 1) or d < 16:
@@ -62,34 +78,71 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         raise ValueError("q, k and v need a contiguous last dimension")
     group = h // hkv
     block_m = max(16, triton.next_power_of_2(group * tq))
-    cap = idx.shape[1]
+    cap = -(-tk // chunk_size) if dense else idx.shape[1]
     if num_splits is None:
         n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        num_splits = max(1, min(-(-2 * n_sm // (b * hkv)), -(-cap // CHUNKS_PER_ITER)))
+        num_splits = max(1, min(-(-2 * n_sm // (b * hkv)), -(-cap // chunks_per_iter)))
     o_part = torch.empty(b, hkv, num_splits, block_m, d, dtype=torch.float32, device=q.device)
     m_part = torch.empty(b, hkv, num_splits, block_m, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     if out is None:
         out = torch.empty_like(q)
+    rows = group * tq
+    if record is not None:
+        n_chunks = -(-tk // chunk_size)
+        if record.dtype != torch.float32 or record.ndim != 2 or record.shape[0] != b or record.shape[1] < n_chunks \
+                or record.stride(-1) != 1:
+            raise ValueError(f"record must be float32 [B={b}, >= {n_chunks}] with contiguous rows, got "
+                             f"{record.dtype} {tuple(record.shape)}")
+        # dense attention visits (and writes) every chunk up to the length; a selection leaves the others unread
+        new = torch.empty if dense else torch.zeros
+        rec_m = new(b, hkv, rows, n_chunks, dtype=torch.float32, device=q.device)
+        rec_l = new(b, hkv, rows, n_chunks, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, hkv, rows, dtype=torch.float32, device=q.device)
+    else:
+        rec_m = rec_l = lse = m_part  # placeholders, never touched
     sm_scale = scale if scale is not None else d ** -0.5
     # strides as (sequence or page, head, position): the paged pool is [page, position, head, D]
     k_strides = (k.stride(0), k.stride(2), k.stride(1)) if paged else (k.stride(0), k.stride(1), k.stride(2))
     v_strides = (v.stride(0), v.stride(2), v.stride(1)) if paged else (v.stride(0), v.stride(1), v.stride(2))
-    table = page_table if paged else idx  # any int32 tensor: not read unless PAGED / RAGGED
+    ragged = kv_lens is not None
+    any_int = kv_lens if ragged else (idx if not dense else page_table)  # not read unless PAGED / RAGGED / sparse
+    if any_int is None:
+        any_int = torch.zeros(1, dtype=torch.int32, device=q.device)
+    table = page_table if paged else any_int
     _sparse_attn_split_kernel[(hkv, num_splits, b)](
-        q, k, v, idx, count, o_part, m_part, l_part, table, kv_lens if paged else count, sm_scale, tk,
-        table.stride(0), q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, idx.stride(0),
+        q, k, v, any_int if dense else idx, any_int if dense else count, o_part, m_part, l_part, table,
+        kv_lens if ragged else any_int, rec_m, rec_l, sm_scale, tk,
+        table.stride(0), rec_m.stride(0) if record is not None else 0, rec_m.stride(1) if record is not None else 0,
+        rec_m.stride(2) if record is not None else 0,
+        q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, 0 if dense else idx.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
-        Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, CHUNK=chunk_size, CHUNKS_PER_ITER=CHUNKS_PER_ITER,
-        PAGED=paged, PAGE=page_size, RAGGED=paged, num_warps=4, num_stages=2,
+        Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, CHUNK=chunk_size, CHUNKS_PER_ITER=chunks_per_iter,
+        PAGED=paged, PAGE=page_size, RAGGED=ragged, DENSE=dense, RECORD=record is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )
     _combine_kernel[(hkv, b)](
-        o_part, m_part, l_part, out, num_splits,
+        o_part, m_part, l_part, out, lse, num_splits,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_S=16, num_warps=4,
+        Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_S=16, RECORD=record is not None, num_warps=4,
     )
+    if record is not None:
+        lens = kv_lens if ragged else torch.full((b,), tk, dtype=torch.int32, device=q.device)
+        weight = (1.0 / h) if record_weight is None else float(record_weight)
+        block_c = 256
+        _pool_record_kernel[(triton.cdiv(record.shape[1], block_c), b)](
+            rec_m, rec_l, lse, lens, record, hkv * rows, record.shape[1], weight,
+            rec_m.stride(0), rec_m.stride(2), record.stride(0), CHUNK=chunk_size, BLOCK_C=block_c, num_warps=4,
+        )
     return out
+
+
+def _check_lens(b: int, kv_lens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if kv_lens.shape != (b,) or kv_lens.dtype != torch.int32 or kv_lens.device != device:
+        raise ValueError(f"kv_lens must be int32 [B={b}] on {device}, got {kv_lens.dtype} {tuple(kv_lens.shape)} "
+                         f"on {kv_lens.device}")
+    return kv_lens
 
 
 def _check_paged(b: int, k: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor, kv_lens: torch.Tensor | None,

@@ -1,0 +1,171 @@
+"""The eager speculative loop: transformers' caches and masks, host control flow, one phase after another.
+
+The CPU path, and the reference the decode engine (``engine/``) is tested against token for token: both call the
+same selection contract and the same acceptance and sampling functions (``sampling.py``, ``rng.py``), so greedy
+runs and seeded sampling runs agree as long as the attention arithmetic does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import hooks
+from .cache import preallocated_cache
+from .rng import SLOT_FINAL, sample
+from .sampling import greedy_accept, probs_device, speculative_accept
+from .selection import select_chunks
+from .stats import GenerationOutput, GenerationStats
+
+
+def select(rt, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
+    """Chunk selection per sparse target layer for verifying the last ``n_verify`` of ``n_keys`` positions.
+
+    Returns ``({target layer: selection}, counts)``: a selection is the Triton kernel's compacted
+    ``(idx [1, C], count [1])`` or, for the torch methods, a bool mask ``[1, C]``; ``sparse_attention`` takes
+    either form. ``counts`` int ``[n_sparse]`` stays on device.
+    """
+    c = -(-n_keys // rt.chunk_size)
+    scores = {}
+    for i, rs in rows.items():  # sum of the k + 1 draft rows, each padded to the full chunk count
+        acc = torch.zeros(rs[0].shape[0], c, device=rs[0].device)
+        for r in rs:
+            acc[:, : r.shape[1]] += r
+        scores[i] = acc
+    s = torch.cat([scores[rt.layer_map[j]] for j in rt.sparse_layers])  # [n_sparse, C]
+    p = rt._sparse_p.to(s.device)
+    recent = c - (n_keys - n_verify) // rt.chunk_size  # every verified position's chunk stays
+    if rt.selection == "triton":
+        from .selection.triton_select import topp_select_triton
+
+        n_valid = torch.full((s.shape[0],), c, dtype=torch.int32, device=s.device)
+        idx, count = topp_select_triton(s, p, n_valid, keep_recent=recent)
+        return {j: (idx[r : r + 1], count[r : r + 1]) for r, j in enumerate(rt.sparse_layers)}, count
+    mask = select_chunks(s, p, method=rt.selection, keep_recent=recent)
+    return {j: mask[r : r + 1] for r, j in enumerate(rt.sparse_layers)}, mask.sum(-1)
+
+
+def _sampling_args(temperature: float, top_p: float, device) -> tuple | None:
+    """Temperature and nucleus as one-element tensors, the form the engine keeps them in (so that both paths
+    divide by a tensor and round alike); ``None`` for greedy decoding."""
+    if temperature <= 0:
+        return None
+    t = torch.tensor([temperature], dtype=torch.float32, device=device)
+    return t, (torch.tensor([top_p], dtype=torch.float32, device=device) if top_p < 1.0 else None)
+
+
+def _choose(logits: torch.Tensor, sampling: tuple | None, seed: int, step: int, slot: int):
+    """``(token int64 [1], probs or None)``: argmax, or a draw at ``(seed, step, slot)``."""
+    if sampling is None:
+        return logits.argmax(-1, keepdim=True), None
+    q = probs_device(logits, *sampling)
+    return sample(q, seed, step, slot), q
+
+
+@torch.no_grad()
+def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature: float, top_p: float,
+                   eos_token_id: int | None, seed: int, on_tokens) -> GenerationOutput:
+    """The loop behind ``SpecAttnRuntime.generate(..., engine="eager")``; arguments already validated."""
+    dev = next(rt.target.parameters()).device
+    n = len(ids)
+    ids_t = torch.tensor([ids], dtype=torch.long, device=dev)
+    stats = GenerationStats(engine="eager", accepted_hist=[0] * (k + 1))
+    kv_read = torch.zeros(len(rt.sparse_layers), dtype=torch.float64, device=dev)  # summed on device: no sync
+    t_start = time.perf_counter()
+
+    capacity = n + max_new_tokens + k + 1  # written in place: no per-step copy of the whole cache
+    dcache = preallocated_cache(rt.draft.config.num_hidden_layers, capacity) if k else None
+    tcache = preallocated_cache(rt.target.config.num_hidden_layers, capacity)
+    if n > 1:  # prefill everything but the last token, densely; it is fed as the first query of step 1
+        if k:
+            rt.draft(ids_t[:, :-1], past_key_values=dcache, use_cache=True, logits_to_keep=1)
+        rt.target(ids_t[:, :-1], past_key_values=tcache, use_cache=True, logits_to_keep=1)
+    rt._sync()
+    stats.time_prefill = time.perf_counter() - t_start
+    cur = ids_t[:, -1:]
+    sampling = _sampling_args(temperature, top_p, dev)
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        step = stats.steps  # the random draws of this step are (seed, step, slot)
+        rt._sync()
+        t0 = time.perf_counter()
+        if k == 0:  # plain autoregressive decoding of the target
+            logits = rt.target(cur, past_key_values=tcache, use_cache=True).logits[0, -1]
+            nxt = _choose(logits, sampling, seed, step, SLOT_FINAL)[0]
+            new = [int(nxt)]
+            cur = nxt.view(1, 1)
+            rt._sync()
+            stats.time_verify += time.perf_counter() - t0
+            stats.steps += 1
+            stats.accepted_hist[0] += 1
+        else:
+            new = _speculative_step(rt, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read)
+            n += len(new)
+            cur = torch.tensor([[new[-1]]], device=dev)
+        if eos_token_id is not None and eos_token_id in new:
+            new = new[: new.index(eos_token_id) + 1]
+        new = new[: max_new_tokens - len(out)]
+        out.extend(new)
+        if on_tokens is not None:
+            on_tokens(new)
+        if eos_token_id is not None and new and new[-1] == eos_token_id:
+            break
+    stats.kv_read_sum = [float(stats.steps)] * len(rt.layer_map)  # dense layers read everything
+    if k:
+        for j, v in zip(rt.sparse_layers, kv_read.tolist()):
+            stats.kv_read_sum[j] = v
+    stats.new_tokens = len(out)
+    stats.time_total = time.perf_counter() - t_start
+    return GenerationOutput(out, stats)
+
+
+def _speculative_step(rt, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read) -> list[int]:
+    """Draft, select, verify, accept; rolls both caches back. Returns the emitted tokens. ``n``: the prompt so
+    far (cached positions + the last emitted token, ``cur``)."""
+    # 1. draft k tokens (+ one forward that only fills the cache and records the last row)
+    t0 = time.perf_counter()
+    dstate = hooks.StepState("draft", rt.chunk_size, record_layers=rt.record_layers)
+    drafted, q_probs, tok = [], [], cur
+    for s in range(k + 1):
+        logits = rt.draft(tok, past_key_values=dcache, use_cache=True, specattn_state=dstate).logits[0, -1]
+        if s == k:
+            break
+        nxt, q = _choose(logits, sampling, seed, step, s)
+        if q is not None:
+            q_probs.append(q)
+        drafted.append(nxt)
+        tok = nxt.view(1, 1)
+    drafted_t = torch.cat(drafted)  # [k]
+    rt._sync()
+    t1 = time.perf_counter()
+    # 2. select chunks per sparse target layer
+    n_keys = n + k  # keys the verification sees: the cache (n - 1) + cur + k drafted
+    masks, counts = select(rt, dstate.rows, n_keys, k + 1) if rt.sparse_layers else ({}, None)
+    rt._sync()
+    t2 = time.perf_counter()
+    # 3. verify k + 1 positions
+    vstate = hooks.StepState("verify", rt.chunk_size, chunk_masks=masks, backend=rt.backend)
+    block = torch.cat([cur.view(1), drafted_t]).view(1, -1)
+    tlogits = rt.target(block, past_key_values=tcache, use_cache=True, specattn_state=vstate).logits[0]
+    rt._sync()
+    t3 = time.perf_counter()
+    # 4. accept, then roll both caches back to the accepted prefix
+    if sampling is not None:
+        n_acc, nxt = speculative_accept(drafted_t, torch.stack(q_probs), probs_device(tlogits, *sampling), seed, step)
+    else:
+        n_acc, nxt = greedy_accept(drafted_t, tlogits)
+    if n_acc < k:  # both caches hold n + k positions; drop the k - n_acc rejected ones
+        dcache.crop(n_acc - k)
+        tcache.crop(n_acc - k)
+    stats.steps += 1
+    stats.drafted += k
+    stats.accepted += n_acc
+    stats.accepted_hist[n_acc] += 1
+    if counts is not None:
+        pad = -(-n_keys // rt.chunk_size) * rt.chunk_size - n_keys  # the newest chunk is always read
+        kv_read += (counts.double() * rt.chunk_size - pad) / n_keys
+    stats.time_draft += t1 - t0
+    stats.time_select += t2 - t1
+    stats.time_verify += t3 - t2
+    return drafted_t[:n_acc].tolist() + [nxt]

@@ -1,0 +1,131 @@
+"""One model forward inside the decode engine: attention reads everything that changes from device memory.
+
+The engine calls an unmodified transformers model with ``use_cache=False``, explicit ``position_ids`` and the
+keyword ``specattn_engine=True``. The registered ``"specattn"`` attention function (``hooks.py``) then hands the
+new tokens' (post-RoPE) query, key and value to one custom op, ``specattn::engine_attention``, which:
+
+1. writes the new keys and values into the engine's preallocated cache at ``write_pos`` (a device tensor);
+2. attends over the first ``kv_len`` positions (a device tensor) densely, or over the chunks the selection kernel
+   left in ``idx[:count]`` (device tensors), and, on recording layers, adds the chunk-pooled attention mass to a
+   score row inside the attention kernel.
+
+Everything the op needs besides q/k/v comes from the :class:`ForwardContext` the engine activates around the
+call, not from the op's arguments: the compiled forward is then independent of the cache capacity and of the
+context length, one CUDA graph serves every step, and ``torch.compile`` sees an opaque op (it fuses the rest of
+the layer around it). This is the pattern vLLM uses for its attention op.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..selection.triton_select import indices_to_mask
+from ..sparse.reference import attention_with_lengths_reference
+
+
+@dataclass
+class ForwardContext:
+    """The device buffers one forward of one model reads and writes (shapes for batch 1)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V [1, Hkv, capacity, D]
+    write_pos: torch.Tensor  # int64 [Tq]: cache positions of the forward's tokens
+    kv_len: torch.Tensor  # int32 [1]: keys visible to the last query (= write_pos[-1] + 1)
+    chunk_size: int
+    backend: str  # "triton" | "torch"
+    sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (idx [1, C], count [1])
+    record: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [1, C] score row (+=)
+
+
+_ACTIVE: list[ForwardContext] = []
+
+
+@contextmanager
+def active(ctx: ForwardContext):
+    """Make ``ctx`` the context ``engine_attention`` reads during the enclosed forward."""
+    _ACTIVE.append(ctx)
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.pop()
+
+
+@torch.library.custom_op("specattn::engine_attention", mutates_args=())
+def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+                     scale: float) -> torch.Tensor:
+    """query ``[1, H, Tq, D]``, key/value ``[1, Hkv, Tq, D]`` (new tokens) -> ``[1, Tq, H, D]``.
+
+    Writes the cache in place and reads the active context: both invisible to the compiler by design (see the
+    module docstring), which is safe because every forward consumes the op's output.
+    """
+    if not _ACTIVE:
+        raise RuntimeError("engine_attention runs only inside a decode-engine forward (no active ForwardContext)")
+    ctx = _ACTIVE[-1]
+    k_cache, v_cache = ctx.kv[layer]
+    k_cache.index_copy_(2, ctx.write_pos, key)
+    v_cache.index_copy_(2, ctx.write_pos, value)
+    sel, rec = ctx.sparse.get(layer), ctx.record.get(layer)
+    if ctx.backend == "triton":
+        from ..sparse.triton_attn import sparse_attention_triton
+
+        idx, count = sel if sel is not None else (None, None)
+        out = sparse_attention_triton(query, k_cache, v_cache, idx, count, chunk_size=ctx.chunk_size, scale=scale,
+                                      kv_lens=ctx.kv_len, record=rec)
+    else:
+        mask = indices_to_mask(*sel, n_chunks=sel[0].shape[1]) if sel is not None else None
+        out = attention_with_lengths_reference(query, k_cache, v_cache, ctx.kv_len, mask,
+                                               chunk_size=ctx.chunk_size, scale=scale, record=rec)
+    return out.transpose(1, 2).contiguous()
+
+
+@engine_attention.register_fake
+def _(query, key, value, layer, scale):
+    b, h, t, _ = query.shape
+    return query.new_empty(b, t, h, value.shape[-1])
+
+
+def make_forward(model, compile: bool = False):
+    """``forward(ids int64 [1, Tq], positions int64 [1, Tq]) -> logits [1, Tq, V]`` through the engine's attention.
+
+    With ``compile``, ``torch.compile`` (inductor, no CUDA graphs of its own: the engine captures whole phases)
+    fuses the layer's small operations (norms, rotary, activations), which would otherwise be a few hundred tiny
+    kernels per forward. It compiles once per query length; the context length never enters the graph.
+    """
+    def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, position_ids=positions, use_cache=False, specattn_engine=True).logits
+
+    return torch.compile(forward, fullgraph=True, dynamic=False) if compile else forward
+
+
+# config attributes whose features the engine's attention does not implement (transformers' name -> what it is)
+_UNSUPPORTED = {
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "sliding_window_pattern": "interleaved sliding-window layers",
+}
+
+
+def check_supported(config, *, triton: bool = False) -> None:
+    """Raise ``ValueError`` naming the model type and the feature if our attention would differ from the model's.
+
+    Checked: sliding windows (``sliding_window`` set and in use), logit soft-capping, per-layer attention types
+    other than full attention, and (``triton``) head dims the kernels cannot take.
+    """
+    cfg = getattr(config, "text_config", None) or config
+    name = getattr(cfg, "model_type", type(cfg).__name__)
+    for attr, what in _UNSUPPORTED.items():
+        if getattr(cfg, attr, None):
+            raise ValueError(f"model type {name!r} uses {what} ({attr}={getattr(cfg, attr)!r}), which SpecAttn's "
+                             "attention does not implement yet; its output would differ from the model's")
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True):
+        raise ValueError(f"model type {name!r} uses sliding-window attention (sliding_window={window}), which "
+                         "SpecAttn's attention does not implement yet; its output would differ from the model's")
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds - {"full_attention"}:
+        raise ValueError(f"model type {name!r} has layer types {sorted(kinds)}; SpecAttn supports full attention "
+                         "only for now")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if triton and (head_dim & (head_dim - 1) or not 16 <= head_dim <= 256):
+        raise ValueError(f"model type {name!r} has head_dim {head_dim}; the kernels take powers of two in [16, 256]")

@@ -1,0 +1,307 @@
+"""The decode engine: a speculative step as four static-shape phases, captured once as CUDA graphs.
+
+One object owns every buffer a step reads or writes (the sglang / vLLM graph-runner pattern): the current length
+``L`` (positions both caches hold), the last emitted token, the drafted tokens, the draft's score rows, the
+selection, the target's logits, the emitted tokens. A step is "replay the phases, read the emitted tokens":
+
+1. ``draft``: ``k + 1`` one-token forwards of the draft at positions ``L .. L + k`` (the last only fills its cache);
+   its mapped layers add their chunk-pooled attention to the score rows inside the attention kernel;
+2. ``select``: one launch of the top-p kernel over the sparse target layers' rows;
+3. ``verify``: one ``k + 1``-token forward of the target at the same positions, sparse layers reading only the
+   selected chunks;
+4. ``accept``: greedy or rejection-sampling acceptance on the device, then ``L += accepted + 1`` (rolling both
+   caches back is that length update), the next step's first token, and the packed output.
+
+Nothing is allocated per step, nothing is read back but the packed output (the one synchronisation of a step),
+and CUDA events between the phases time them without adding a synchronisation. ``k = 0`` is plain
+autoregressive decoding of the target (one ``decode`` phase). On CPU (and with ``graphs=False``) the same phase
+functions run eagerly: that is how CI checks the engine's bookkeeping against the eager runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..rng import SLOT_FINAL, sample
+from ..sampling import greedy_accept_device, probs_device, rejection_accept_device
+from .forward import ForwardContext, active
+from .kv import KVStore
+
+SAMPLING_MODES = ("greedy", "sample", "sample_top_p")
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """Which target layers verify sparsely, guided by which draft layer, at which top-p."""
+
+    sparse_layers: tuple[int, ...] = ()
+    draft_layers: tuple[int, ...] = ()  # guiding draft layer of each sparse layer
+    top_p: tuple[float, ...] = ()
+    chunk_size: int = 16
+
+    @property
+    def record_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.draft_layers)))
+
+
+@dataclass
+class StepTimes:
+    """Seconds per phase, summed over steps (from CUDA events on the GPU, host clock on the CPU)."""
+
+    draft: float = 0.0
+    select: float = 0.0
+    verify: float = 0.0
+    accept: float = 0.0
+
+
+class DecodeEngine:
+    """Static-shape speculative (``k >= 1``) or autoregressive (``k = 0``) decoding over a :class:`KVStore`.
+
+    Parameters
+    ----------
+    target, draft : torch.nn.Module
+        transformers causal LMs loaded with the ``"specattn"`` attention (``draft`` unused when ``k = 0``).
+    store : KVStore
+        Caches with roles ``"target"`` (and ``"draft"``).
+    plan : SparsePlan
+        Sparse verification layers; empty = dense verification.
+    forwards : dict
+        role -> ``forward(ids [1, Tq], positions [1, Tq]) -> logits [1, Tq, V]`` (see ``forward.make_forward``).
+    sampling : str
+        ``"greedy"``, ``"sample"`` or ``"sample_top_p"`` (temperature / top-p values are device buffers, set per
+        call by :meth:`start`; the nucleus filter's sort is left out of the graphs that do not need it).
+    backend : str
+        ``"triton"`` (kernels) or ``"torch"`` (the static-shape reference) for attention and selection.
+    graphs : bool
+        Capture each phase as a CUDA graph (CUDA only).
+    """
+
+    def __init__(self, target, draft, store: KVStore, plan: SparsePlan, k: int, forwards: dict, *,
+                 sampling: str = "greedy", backend: str = "triton", graphs: bool = False):
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.target, self.draft, self.store, self.plan, self.k = target, draft, store, plan, k
+        self.forwards, self.sampling, self.backend = forwards, sampling, backend
+        dev = store.device
+        self.device = dev
+        self.graphs_enabled = graphs and dev.type == "cuda"
+        c = plan.chunk_size
+        n_chunks = -(-store.capacity // c)
+        vocab = target.config.get_text_config().vocab_size if hasattr(target.config, "get_text_config") \
+            else target.config.vocab_size
+        i64 = dict(dtype=torch.int64, device=dev)
+        i32 = dict(dtype=torch.int32, device=dev)
+        # -- state carried from step to step
+        self.L = torch.zeros(1, **i64)  # positions both caches hold (the last emitted token is not among them)
+        self.cur = torch.zeros(1, 1, **i64)  # last emitted token: the first query of the next step
+        self.step_no = torch.zeros(1, **i64)  # counter of the random draws
+        self.seed = torch.zeros(1, **i64)
+        self.temperature = torch.ones(1, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(1, dtype=torch.float32, device=dev)
+        self.offsets = torch.arange(k + 1, **i64)
+        # -- per-step buffers
+        self.out = torch.zeros(k + 2, **i64)  # [tokens emitted, tokens...]: the one thing read back per step
+        self.host_out = torch.zeros(k + 2, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.verify_ids = torch.zeros(1, k + 1, **i64)
+        self.verify_pos = torch.zeros(k + 1, **i64)
+        self.verify_len = torch.zeros(1, **i32)
+        self.tlogits = None  # [k + 1, V], allocated by the first verify (model dtype)
+        self.drafted = torch.zeros(k + 1, **i64)  # k drafted tokens (+ one spare slot)
+        self.draft_pos = torch.zeros(k + 1, **i64)
+        self.draft_lens = torch.zeros(k + 1, **i32)
+        self.q_probs = torch.zeros(k + 1, vocab, dtype=torch.float32, device=dev) if sampling != "greedy" and k \
+            else None  # the last row stays 0: the bonus position has no draft distribution
+        ns = len(plan.sparse_layers)
+        rec = plan.record_layers
+        self.scores = torch.zeros(len(rec), n_chunks, dtype=torch.float32, device=dev)
+        self.score_rows = torch.tensor([rec.index(i) for i in plan.draft_layers], **i64)
+        self.sel_p = torch.tensor(plan.top_p, dtype=torch.float32, device=dev)
+        self.n_valid = torch.zeros(ns, **i32)
+        self.recent_start = torch.zeros(ns, **i32)
+        self.idx = torch.zeros(ns, n_chunks, **i32)
+        self.count = torch.zeros(ns, **i32)
+        self.kv_read = torch.zeros(ns, dtype=torch.float64, device=dev)  # summed fraction of keys read, per layer
+        # -- what each forward's attention reads
+        kv_t = store.kv["target"]
+        self.verify_ctx = ForwardContext(kv_t, self.verify_pos, self.verify_len, c, backend,
+                                         sparse={j: (self.idx[r : r + 1], self.count[r : r + 1])
+                                                 for r, j in enumerate(plan.sparse_layers)})
+        self.draft_ctx = []
+        if k:
+            kv_d = store.kv["draft"]
+            self.draft_ctx = [ForwardContext(kv_d, self.draft_pos[s : s + 1], self.draft_lens[s : s + 1], c, backend,
+                                             record={i: self.scores[r : r + 1] for r, i in enumerate(rec)})
+                              for s in range(k + 1)]
+        self.phases = {"draft": self._draft, "select": self._select, "verify": self._verify,
+                       "accept": self._accept_phase} if k else {"verify": self._decode}
+        if not plan.sparse_layers:
+            self.phases.pop("select", None)
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.capture_seconds = 0.0
+        self.times = StepTimes()
+        if self.graphs_enabled:
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.phases) + 1)]
+            self._done = torch.cuda.Event()
+
+    # -- phases (each a static-shape function of the buffers above) --------------------------------------------
+
+    def _choose(self, logits: torch.Tensor, slot: int) -> torch.Tensor:
+        """Next token int64 ``[1]`` from logits ``[V]``: argmax, or a draw at ``slot`` of this step."""
+        if self.sampling == "greedy":
+            return logits.argmax(-1, keepdim=True)
+        probs = probs_device(logits, self.temperature, self.top_p if self.sampling == "sample_top_p" else None)
+        if self.q_probs is not None and slot < self.k:
+            self.q_probs[slot].copy_(probs)
+        return sample(probs, self.seed, self.step_no, slot)
+
+    def _draft(self) -> None:
+        self.scores.zero_()
+        torch.add(self.L, self.offsets, out=self.draft_pos)
+        self.draft_lens.copy_(self.draft_pos + 1)
+        tok = self.cur
+        for s in range(self.k + 1):
+            with active(self.draft_ctx[s]):
+                logits = self.forwards["draft"](tok, self.draft_pos[s : s + 1].view(1, 1))[0, -1]
+            if s == self.k:  # this forward only writes the last drafted token's K/V and records its row
+                break
+            self.drafted[s : s + 1].copy_(self._choose(logits, s))
+            tok = self.drafted[s : s + 1].view(1, 1)
+
+    def _select(self) -> None:
+        c = self.plan.chunk_size
+        n_keys = self.L + self.k + 1
+        self.n_valid.copy_(((n_keys + c - 1) // c).expand_as(self.n_valid))
+        self.recent_start.copy_((self.L // c).expand_as(self.recent_start))  # chunks of the verified positions
+        rows = self.scores.index_select(0, self.score_rows)
+        if self.backend == "triton":
+            from ..selection.triton_select import topp_select_triton
+
+            topp_select_triton(rows, self.sel_p, self.n_valid, recent_start=self.recent_start, out_idx=self.idx,
+                               out_count=self.count)
+        else:
+            from ..selection.threshold import topp_mask_threshold
+            from ..sparse.triton_attn import mask_to_indices
+
+            mask = topp_mask_threshold(rows, self.sel_p, self.n_valid, recent_start=self.recent_start)
+            idx, count = mask_to_indices(mask)
+            self.idx.copy_(idx)
+            self.count.copy_(count)
+
+    def _target_forward(self, q_len: int) -> torch.Tensor:
+        torch.add(self.L, self.offsets[:q_len], out=self.verify_pos[:q_len])
+        self.verify_len.copy_(self.L + q_len)
+        with active(self.verify_ctx):
+            return self.forwards["target"](self.verify_ids[:, :q_len], self.verify_pos[:q_len].view(1, -1))[0]
+
+    def _verify(self) -> None:
+        self.verify_ids[:, :1].copy_(self.cur)
+        self.verify_ids[0, 1:].copy_(self.drafted[: self.k])
+        logits = self._target_forward(self.k + 1)
+        if self.tlogits is None:
+            self.tlogits = torch.empty_like(logits)
+        self.tlogits.copy_(logits)
+
+    def _accept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n accepted int64 [1], emitted int64 [k + 1])`` from the buffers; benchmarks override it."""
+        drafted = self.drafted[: self.k]
+        if self.sampling == "greedy":
+            return greedy_accept_device(drafted, self.tlogits)
+        p = probs_device(self.tlogits, self.temperature, self.top_p if self.sampling == "sample_top_p" else None)
+        return rejection_accept_device(drafted, self.q_probs, p, self.seed, self.step_no)
+
+    def _accept_phase(self) -> None:
+        n, emitted = self._accept()
+        self._emit(n, emitted)
+        if self.plan.sparse_layers:  # fraction of the visible keys each sparse layer read (the newest chunk's
+            c = self.plan.chunk_size  # padding past the last key is not a read)
+            n_keys = self.verify_len.double()
+            pad = torch.ceil(n_keys / c) * c - n_keys
+            self.kv_read.add_((self.count.double() * c - pad) / n_keys)
+
+    def _emit(self, n: torch.Tensor, emitted: torch.Tensor) -> None:
+        self.out[:1].copy_(n + 1)
+        self.out[1 : 1 + emitted.numel()].copy_(emitted)
+        self.cur.view(1).copy_(emitted.index_select(0, n))
+        self.L.add_(n + 1)  # rollback of both caches: the rejected positions are simply beyond L
+        self.step_no.add_(1)
+
+    def _decode(self) -> None:
+        """``k = 0``: one target forward of the last token, one new token."""
+        self.verify_ids[:, :1].copy_(self.cur)
+        logits = self._target_forward(1)[-1]
+        tok = self._choose(logits, SLOT_FINAL)
+        self._emit(torch.zeros(1, dtype=torch.int64, device=self.device), tok)
+
+    # -- running ---------------------------------------------------------------------------------------------------
+
+    def capture(self) -> float:
+        """Warm up (compilation, kernel JIT) and capture every phase as a CUDA graph; returns the seconds spent.
+
+        Call before :meth:`start`: warming up runs the phases and moves the state.
+        """
+        if not self.graphs_enabled or self.graphs:
+            return 0.0
+        t0 = time.perf_counter()
+        self.L.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):  # the first run compiles; the second runs what will be captured
+                for phase in self.phases.values():
+                    phase()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for name, phase in self.phases.items():
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    phase()
+                self.graphs[name] = g
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - t0
+        return self.capture_seconds
+
+    def start(self, length: int, last_token: int, *, seed: int = 0, temperature: float = 1.0,
+              top_p: float = 1.0) -> None:
+        """Begin decoding after ``length`` cached positions, with ``last_token`` emitted but not yet cached."""
+        if length + self.k + 1 > self.store.capacity:
+            raise ValueError(f"{length} cached positions + k + 1 exceed the capacity {self.store.capacity}")
+        self.L.fill_(length)
+        self.cur.fill_(last_token)
+        self.step_no.zero_()
+        self.seed.fill_(seed)
+        self.temperature.fill_(temperature)
+        self.top_p.fill_(top_p)
+        self.kv_read.zero_()
+        self.times = StepTimes()
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """Run one step; returns the emitted tokens (1 to ``k + 1``). The only host synchronisation of a step."""
+        if self.graphs_enabled:
+            ev = self._events
+            ev[0].record()
+            for i, g in enumerate(self.graphs.values()):
+                g.replay()
+                ev[i + 1].record()
+            self.host_out.copy_(self.out, non_blocking=True)
+            self._done.record()
+            self._done.synchronize()
+            for i, name in enumerate(self.graphs):  # complete events: reading them does not synchronise
+                setattr(self.times, name, getattr(self.times, name) + ev[i].elapsed_time(ev[i + 1]) / 1e3)
+            out = self.host_out.tolist()
+        else:
+            for name, phase in self.phases.items():
+                t0 = time.perf_counter()
+                phase()
+                setattr(self.times, name, getattr(self.times, name) + time.perf_counter() - t0)
+            out = self.out.tolist()
+        return out[1 : 1 + out[0]]
+
+    def kv_read_sum(self) -> list[float]:
+        """Per sparse layer, the fraction of keys its verification read, summed over steps (reads the device)."""
+        return self.kv_read.tolist()

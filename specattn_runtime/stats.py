@@ -1,0 +1,66 @@
+"""What ``SpecAttnRuntime.generate`` returns: the new tokens and the run's statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0  # target forwards after the prefill (verification passes; one per token when k = 0)
+    drafted: int = 0
+    accepted: int = 0  # drafted tokens the target accepted
+    accepted_hist: list[int] = field(default_factory=list)  # [n] = steps that accepted n drafts (n = 0 .. k)
+    kv_read_sum: list[float] = field(default_factory=list)  # per target layer, summed over steps
+    time_draft: float = 0.0
+    time_select: float = 0.0
+    time_verify: float = 0.0
+    time_prefill: float = 0.0
+    time_total: float = 0.0
+    time_capture: float = 0.0  # decode engine: cache allocation, warm-up, CUDA-graph capture (first use only)
+    new_tokens: int = 0
+    engine: str = "eager"  # "eager" (reference loop) or "static" (decode engine; CUDA graphs on CUDA)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification pass (accepted drafts + the target's own token)."""
+        return (self.accepted + self.steps) / max(self.steps, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def kv_read_fraction(self) -> list[float]:
+        """Per target layer: mean fraction of the KV rows its verification attention read."""
+        return [s / max(self.steps, 1) for s in self.kv_read_sum]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.time_total, 1e-9)
+
+    @property
+    def time_decode(self) -> float:
+        """Seconds spent decoding: everything after the prefill, less the one-off graph capture."""
+        return self.time_total - self.time_prefill - self.time_capture
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second after the prompt is prefilled (what long-context decoding speed means)."""
+        return self.new_tokens / max(self.time_decode, 1e-9)
+
+    def summary(self) -> dict:
+        kv = self.kv_read_fraction
+        return {"engine": self.engine, "new_tokens": self.new_tokens, "steps": self.steps,
+                "mean_accepted_length": self.mean_accepted_length, "acceptance_rate": self.acceptance_rate,
+                "kv_read_mean": sum(kv) / max(len(kv), 1), "tokens_per_second": self.tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second, "time_prefill": self.time_prefill,
+                "time_capture": self.time_capture, "time_draft": self.time_draft, "time_select": self.time_select,
+                "time_verify": self.time_verify,
+                "time_other": self.time_decode - self.time_draft - self.time_select - self.time_verify}
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[int]  # new tokens only
+    stats: GenerationStats
