@@ -74,12 +74,14 @@ class ForcedAcceptance(DecodeEngine):
     accepted_length = 1.0
     CYCLE = 64
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.schedule = torch.zeros(self.CYCLE, dtype=torch.int64, device=self.device)
+
     def start(self, *args, **kwargs) -> None:
         super().start(*args, **kwargs)
         a = self.accepted_length - 1
         cycle = [min(self.k, math.floor(s * a) - math.floor((s - 1) * a)) for s in range(1, self.CYCLE + 1)]
-        if not hasattr(self, "schedule"):
-            self.schedule = torch.zeros(self.CYCLE, dtype=torch.int64, device=self.device)
         self.schedule.copy_(torch.tensor(cycle))
 
     def _accept(self):

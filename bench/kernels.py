@@ -414,9 +414,6 @@ def flashinfer_attempt(dev: str, gen: torch.Generator) -> dict:
     return {"available": True, "version": version, "rows": rows}
 
 
-if __name__ == "__main__":
-    main()
-
 
 # (query heads, KV heads, head_dim) of the end-to-end pairs' models (bench/e2e.py)
 DECODE_LAYOUTS = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128), "tinyllama-1.1b": (32, 4, 64),
@@ -470,3 +467,7 @@ def bench_decode(dev: str, copy_bw: float, keys_list, sweep_keys: int = 32768) -
                 print(f"{name:>15} {keys:>7} {tq:>2} {t_sdpa:>8.1f} {row['ours_us']:>8.1f} {row['best_us']:>8.1f} "
                       f"{str(best):>12} {t_rec or 0:>8.1f} {row['kv_bw_frac']:>8.2f}", flush=True)
     return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -79,7 +79,9 @@ def test_reference_matches_naive(b, h, hkv, tq, cap, d, lens, density, gen):
 @pytest.mark.parametrize("b,h,hkv,tq,cap,d,lens", CASES)
 @pytest.mark.parametrize("density", [None, 0.4])
 @pytest.mark.parametrize("record", [False, True])
-def test_triton_matches_reference_never_reading_past_the_length(b, h, hkv, tq, cap, d, lens, density, record, gen):
+@pytest.mark.parametrize("splits", [None, 37])  # 37: more splits than chunks, and than one combine block
+def test_triton_matches_reference_never_reading_past_the_length(b, h, hkv, tq, cap, d, lens, density, record,
+                                                                 splits, gen):
     q, k, v, kv_lens, mask = inputs(b, h, hkv, tq, cap, d, lens, gen, density=density)
     start = torch.rand(b, -(-cap // 16), generator=gen)  # recording accumulates into what is there
     ref_rec = start.clone() if record else None
@@ -93,7 +95,7 @@ def test_triton_matches_reference_never_reading_past_the_length(b, h, hkv, tq, c
     out = torch.full_like(dev(q), float("nan"))
     rec = start.clone().to(DEVICE) if record else None
     sparse_attention_triton(dev(q), dev(kp), dev(vp), *sel, chunk_size=16, kv_lens=kv_lens.to(DEVICE), out=out,
-                            record=rec)
+                            record=rec, num_splits=splits)
     assert torch.isfinite(out).all(), "unwritten output, or a key past the length was read"
     err = (out.cpu().double() - ref.double()).norm() / ref.double().norm()
     assert err < TOL[DTYPE], f"relative error {err:.2e}"

@@ -37,7 +37,7 @@ def _sparse_attn_split_kernel(
     stride_ob, stride_oh, stride_os, stride_om,
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr, CHUNKS_PER_ITER: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-    RAGGED: tl.constexpr, DENSE: tl.constexpr, RECORD: tl.constexpr,
+    RAGGED: tl.constexpr, DENSE: tl.constexpr, RECORD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -88,7 +88,7 @@ def _sparse_attn_split_kernel(
             v_row = b * stride_vb + key_pos[:, None] * stride_vt
         k = tl.load(k_ptr + k_row + kvh * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(v_ptr + v_row + kvh * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         visible = key_ok[None, :] & (key_pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         if RECORD:  # per chunk of this tile: max logit and sum of 2^(s - max), for rows and chunks actually read
@@ -112,7 +112,7 @@ def _sparse_attn_split_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     base = b * stride_ob + kvh * stride_oh + split * stride_os
@@ -124,64 +124,75 @@ def _sparse_attn_split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n_splits,
+    o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n_splits, n_kv_heads,
     stride_ob, stride_oh, stride_os, stride_om,
     stride_outb, stride_outh, stride_outt,
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_S: tl.constexpr, RECORD: tl.constexpr,
+    SPLITS_POW2: tl.constexpr, BLOCK_S: tl.constexpr, RECORD: tl.constexpr,
 ):
-    """Merge split partials: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, per row; with ``RECORD``
-    also each row's log2-sum-exp2 ``M + log2(L)`` into ``lse_ptr`` ``[B, Hkv, GROUP * Q_LEN]``."""
+    """Merge split partials of one query row: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; with
+    ``RECORD`` also the row's log2-sum-exp2 ``M + log2(L)`` into ``lse_ptr`` ``[B, Hkv, GROUP * Q_LEN]``.
+
+    One program per (KV head, row, sequence), the splits read as vectors: a program looping over dozens of
+    splits one at a time (GQA decodes use ~2 * SMs / Hkv of them) cost more than the attention itself."""
     kvh = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < GROUP * Q_LEN
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_tot = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    for s in range(0, n_splits):
-        ml = ((b * tl.num_programs(0) + kvh) * n_splits + s) * BLOCK_M
-        m_tot = tl.maximum(m_tot, tl.load(m_part_ptr + ml + offs_m, mask=row_ok, other=float("-inf")))
+    row = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_s = tl.arange(0, SPLITS_POW2)
+    s_ok = offs_s < n_splits
+    ml = ((b * n_kv_heads + kvh) * n_splits + offs_s) * BLOCK_M + row
+    m = tl.load(m_part_ptr + ml, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(l_part_ptr + ml, mask=s_ok, other=0.0)
+    m_tot = tl.max(m, axis=0)
     m_safe = tl.where(m_tot == float("-inf"), 0.0, m_tot)
-    l_tot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for s in range(0, n_splits):
-        ml = ((b * tl.num_programs(0) + kvh) * n_splits + s) * BLOCK_M
-        w = tl.exp2(tl.load(m_part_ptr + ml + offs_m, mask=row_ok, other=float("-inf")) - m_safe)
-        l_tot += w * tl.load(l_part_ptr + ml + offs_m, mask=row_ok, other=0.0)
-        o = tl.load(o_part_ptr + b * stride_ob + kvh * stride_oh + s * stride_os + offs_m[:, None] * stride_om
-                    + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        acc += w[:, None] * o
-    out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]  # padding rows have l = 0 and are not stored
+    w = tl.exp2(m - m_safe)  # splits that saw nothing: m = -inf, w = 0
+    l_tot = tl.sum(w * l_s, axis=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_b = tl.arange(0, BLOCK_S)
+    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    base = o_part_ptr + b * stride_ob + kvh * stride_oh + row * stride_om
+    for s0 in range(0, n_splits, BLOCK_S):
+        sb = s0 + offs_b
+        sb_ok = sb < n_splits
+        m_b = tl.load(m_part_ptr + ((b * n_kv_heads + kvh) * n_splits + sb) * BLOCK_M + row, mask=sb_ok,
+                      other=float("-inf"))
+        o = tl.load(base + sb[:, None] * stride_os + offs_d[None, :], mask=sb_ok[:, None], other=0.0)
+        acc += tl.sum(tl.exp2(m_b - m_safe)[:, None] * o, axis=0)
+    out = acc / tl.where(l_tot > 0, l_tot, 1.0)
+    g = row // Q_LEN
+    t = row % Q_LEN
+    tl.store(out_ptr + b * stride_outb + (kvh * GROUP + g) * stride_outh + t * stride_outt + offs_d,
+             out.to(out_ptr.dtype.element_ty))
     if RECORD:
-        lse = m_safe + tl.log2(tl.where(l_tot > 0, l_tot, 1.0))
-        tl.store(lse_ptr + (b * tl.num_programs(0) + kvh) * (GROUP * Q_LEN) + offs_m, lse, mask=row_ok)
-    g = offs_m // Q_LEN
-    t = offs_m % Q_LEN
-    out_ptrs = out_ptr + b * stride_outb + (kvh * GROUP + g)[:, None] * stride_outh + t[:, None] * stride_outt \
-        + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + (b * n_kv_heads + kvh) * (GROUP * Q_LEN) + row, m_safe + tl.log2(tl.where(l_tot > 0, l_tot, 1.0)))
 
 
 @triton.jit
 def _pool_record_kernel(
     rec_m_ptr, rec_l_ptr, lse_ptr, len_ptr, scores_ptr, n_rows, n_cap, weight,
     stride_rb, stride_rrow, stride_sb,
-    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """``scores[b, c] += weight * sum_rows l[row, c] * 2^(m[row, c] - lse[row])`` for the chunks ``c`` the rows
-    could read (``c < ceil(len / CHUNK)``; entries past it were never written). One program per block of chunks;
-    the rows are summed in a fixed order, so the result does not depend on the launch."""
+    could read (``c < ceil(len / CHUNK)``; entries past it were never written). One program per block of chunks,
+    ``BLOCK_R`` rows at a time; the sum runs in a fixed order, so the result does not depend on the launch."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     offs = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     n_keys = tl.load(len_ptr + b)
     ok = offs < tl.cdiv(n_keys, CHUNK)
+    offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for r in range(0, n_rows):
-        lse = tl.load(lse_ptr + b * n_rows + r)
-        m = tl.load(rec_m_ptr + b * stride_rb + r * stride_rrow + offs, mask=ok, other=0.0)
-        l_c = tl.load(rec_l_ptr + b * stride_rb + r * stride_rrow + offs, mask=ok, other=0.0)
-        acc += tl.where(ok & (l_c > 0), l_c * tl.exp2(m - lse), 0.0)  # l = 0: never read, or no mass
+    for r0 in range(0, n_rows, BLOCK_R):
+        r = r0 + offs_r
+        r_ok = r < n_rows
+        lse = tl.load(lse_ptr + b * n_rows + r, mask=r_ok, other=0.0)
+        ptrs = b * stride_rb + r[:, None] * stride_rrow + offs[None, :]
+        both = r_ok[:, None] & ok[None, :]
+        m = tl.load(rec_m_ptr + ptrs, mask=both, other=0.0)
+        l_c = tl.load(rec_l_ptr + ptrs, mask=both, other=0.0)
+        # l = 0: a chunk this row never read, or one it could not see
+        acc += tl.sum(tl.where(both & (l_c > 0), l_c * tl.exp2(m - lse[:, None]), 0.0), axis=0)
     in_cap = offs < n_cap
     prev = tl.load(scores_ptr + b * stride_sb + offs, mask=in_cap, other=0.0)
     tl.store(scores_ptr + b * stride_sb + offs, prev + weight * acc, mask=in_cap)

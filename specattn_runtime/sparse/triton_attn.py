@@ -118,22 +118,25 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, 0 if dense else idx.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, CHUNK=chunk_size, CHUNKS_PER_ITER=chunks_per_iter,
-        PAGED=paged, PAGE=page_size, RAGGED=ragged, DENSE=dense, RECORD=record is not None, num_warps=num_warps,
-        num_stages=num_stages,
+        PAGED=paged, PAGE=page_size, RAGGED=ragged, DENSE=dense, RECORD=record is not None,
+        # float32 models get float32 products (not TF32): the engine must reproduce transformers' logits
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
-    _combine_kernel[(hkv, b)](
-        o_part, m_part, l_part, out, lse, num_splits,
+    _combine_kernel[(hkv, rows, b)](
+        o_part, m_part, l_part, out, lse, num_splits, hkv,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_S=16, RECORD=record is not None, num_warps=4,
+        Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, SPLITS_POW2=triton.next_power_of_2(num_splits),
+        BLOCK_S=16, RECORD=record is not None, num_warps=2,
     )
     if record is not None:
         lens = kv_lens if ragged else torch.full((b,), tk, dtype=torch.int32, device=q.device)
         weight = (1.0 / h) if record_weight is None else float(record_weight)
-        block_c = 256
+        block_c = 128
         _pool_record_kernel[(triton.cdiv(record.shape[1], block_c), b)](
             rec_m, rec_l, lse, lens, record, hkv * rows, record.shape[1], weight,
-            rec_m.stride(0), rec_m.stride(2), record.stride(0), CHUNK=chunk_size, BLOCK_C=block_c, num_warps=4,
+            rec_m.stride(0), rec_m.stride(2), record.stride(0), CHUNK=chunk_size, BLOCK_C=block_c,
+            BLOCK_R=min(32, triton.next_power_of_2(hkv * rows)), num_warps=4,
         )
     return out
 
