@@ -58,8 +58,9 @@ class AttentionRecorder:
 def softmax_attention(query, key, value, attention_mask, scale):
     """Plain softmax attention that also returns the probabilities (transformers' eager math).
 
-    query ``[B, H, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; attention_mask additive ``[B, 1, Tq, Tk]`` or None
-    (then causal with the queries at the last ``Tq`` positions). Returns ``([B, Tq, H, D], [B, H, Tq, Tk])``.
+    query ``[B, H, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; attention_mask ``[B, 1, Tq, Tk]``, additive (float,
+    transformers' eager masks) or boolean (True = attend: its SDPA masks), or None (then causal with the queries at
+    the last ``Tq`` positions). Returns ``([B, Tq, H, D], [B, H, Tq, Tk])``.
     """
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
@@ -67,7 +68,9 @@ def softmax_attention(query, key, value, attention_mask, scale):
     # so fold them into the query axis. Repeating would copy the whole cache of every recorded layer per step.
     qg = query.reshape(b, hkv, (h // hkv) * tq, d)
     logits = torch.matmul(qg, key.transpose(2, 3)).view(b, h, tq, tk) * scale
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attention_mask[..., :tk], float("-inf"))
+    elif attention_mask is not None:
         logits = logits + attention_mask[..., :tk]
     elif tq > 1:
         causal = torch.arange(tk, device=query.device)[None, :] <= torch.arange(tk - tq, tk, device=query.device)[:, None]

@@ -28,7 +28,7 @@ def select(rt, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
     """
     c = -(-n_keys // rt.chunk_size)
     scores = {}
-    for i, rs in rows.items():  # sum of the k + 1 draft rows, each padded to the full chunk count
+    for i, rs in rows.items():  # sum of the k draft rows, each padded to the full chunk count
         acc = torch.zeros(rs[0].shape[0], c, device=rs[0].device)
         for r in rs:
             acc[:, : r.shape[1]] += r
@@ -84,6 +84,7 @@ def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature:
     rt._sync()
     stats.time_prefill = time.perf_counter() - t_start
     cur = ids_t[:, -1:]
+    prev = ids[-2] if n > 1 else None  # the token at the last cached position
     sampling = _sampling_args(temperature, top_p, dev)
     out: list[int] = []
     while len(out) < max_new_tokens:
@@ -100,7 +101,9 @@ def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature:
             stats.steps += 1
             stats.accepted_hist[0] += 1
         else:
-            new = _speculative_step(rt, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read)
+            new = _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read)
+            # the token now at the last cached position: the last accepted draft, or the step's first token
+            prev = int(cur) if len(new) == 1 else new[-2]
             n += len(new)
             cur = torch.tensor([[new[-1]]], device=dev)
         if eos_token_id is not None and eos_token_id in new:
@@ -120,17 +123,22 @@ def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature:
     return GenerationOutput(out, stats)
 
 
-def _speculative_step(rt, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read) -> list[int]:
+def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read) -> list[int]:
     """Draft, select, verify, accept; rolls both caches back. Returns the emitted tokens. ``n``: the prompt so
-    far (cached positions + the last emitted token, ``cur``)."""
-    # 1. draft k tokens (+ one forward that only fills the cache and records the last row)
+    far (cached positions + the last emitted token, ``cur``); ``prev``: the token at position ``n - 2``."""
+    # 1. draft k tokens in k forwards. The first also (re)computes the draft's position n - 2: after a step that
+    # accepted every draft, the last drafted token is accepted but was never fed to the draft (gpt-fast runs an
+    # extra forward in that case; one shape for every step is what a captured graph needs)
     t0 = time.perf_counter()
     dstate = hooks.StepState("draft", rt.chunk_size, record_layers=rt.record_layers)
-    drafted, q_probs, tok = [], [], cur
-    for s in range(k + 1):
+    drafted, q_probs = [], []
+    if prev is None:  # one-token prompt: nothing cached before cur
+        tok = cur
+    else:
+        dcache.crop((n - 2) - dcache.get_seq_length())  # keep positions < n - 2
+        tok = torch.cat([torch.tensor([[prev]], device=cur.device), cur], dim=1)
+    for s in range(k):
         logits = rt.draft(tok, past_key_values=dcache, use_cache=True, specattn_state=dstate).logits[0, -1]
-        if s == k:
-            break
         nxt, q = _choose(logits, sampling, seed, step, s)
         if q is not None:
             q_probs.append(q)
@@ -155,9 +163,9 @@ def _speculative_step(rt, cur, dcache, tcache, n, k, sampling, seed, step, stats
         n_acc, nxt = speculative_accept(drafted_t, torch.stack(q_probs), probs_device(tlogits, *sampling), seed, step)
     else:
         n_acc, nxt = greedy_accept(drafted_t, tlogits)
-    if n_acc < k:  # both caches hold n + k positions; drop the k - n_acc rejected ones
-        dcache.crop(n_acc - k)
+    if n_acc < k:  # the target cache holds n + k positions (the draft's n + k - 1): drop the rejected ones
         tcache.crop(n_acc - k)
+        dcache.crop((n + n_acc) - dcache.get_seq_length())
     stats.steps += 1
     stats.drafted += k
     stats.accepted += n_acc

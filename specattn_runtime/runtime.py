@@ -2,8 +2,10 @@
 
 One step (batch 1):
 
-1. draft ``k + 1`` single-token forwards from the last emitted token (dense attention); the mapped draft layers
-   record their chunk-pooled attention rows (the ``k + 1``-th forward only fills the cache and its row);
+1. the draft proposes ``k`` tokens in ``k`` forwards (dense attention), the first over the previous and the last
+   emitted token (the previous position needs its draft K/V when the last step accepted every draft); the mapped
+   draft layers record the new query's chunk-pooled attention (``k`` rows: the last emitted token and the first
+   ``k - 1`` drafts);
 2. per sparse target layer, the rows of its draft layer are summed and top-p selected (sink chunk and every chunk
    holding a verified position always kept): one chunk set per layer, shared by all ``k + 1`` verified queries;
 3. the target verifies the ``k + 1`` positions in one forward, sparse layers through the block-sparse backend;
@@ -201,7 +203,8 @@ class SpecAttnRuntime:
         stats.time_capture = t_prefill - t_start  # cache allocation, warm-up and graph capture: first use only
         for role in ("target", "draft") if k else ("target",):
             eng.store.prefill(role, ids[:-1])
-        eng.start(len(ids) - 1, ids[-1], seed=seed, temperature=max(temperature, 1e-6), top_p=top_p)
+        eng.start(len(ids) - 1, ids[-1], ids[-2] if len(ids) > 1 else None, seed=seed,
+                  temperature=max(temperature, 1e-6), top_p=top_p)
         self._sync()
         stats.time_prefill = time.perf_counter() - t_prefill
         out: list[int] = []

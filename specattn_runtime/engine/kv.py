@@ -67,6 +67,11 @@ class KVStore:
         self.prefix[role] = list(ids)
         return keep
 
+    def invalidate_from(self, position: int) -> None:
+        """Positions from ``position`` on are about to be overwritten: shorten the remembered prefixes."""
+        for role, ids in self.prefix.items():
+            self.prefix[role] = ids[: max(position, 0)]
+
     def forget(self, role: str | None = None) -> None:
         """Drop the remembered prefix (the buffers stay allocated)."""
         for r in [role] if role else list(self.prefix):

@@ -4,8 +4,10 @@ One object owns every buffer a step reads or writes (the sglang / vLLM graph-run
 ``L`` (positions both caches hold), the last emitted token, the drafted tokens, the draft's score rows, the
 selection, the target's logits, the emitted tokens. A step is "replay the phases, read the emitted tokens":
 
-1. ``draft``: ``k + 1`` one-token forwards of the draft at positions ``L .. L + k`` (the last only fills its cache);
-   its mapped layers add their chunk-pooled attention to the score rows inside the attention kernel;
+1. ``draft``: ``k`` forwards of the draft, the first over ``[previous token, last emitted token]`` at positions
+   ``L - 1, L`` (rewriting position ``L - 1`` fills the draft's cache for the last drafted token when the previous
+   step accepted all ``k``; otherwise it rewrites the same values), then one token at ``L + 1 .. L + k - 1``; the
+   mapped layers add the new query's chunk-pooled attention to the score rows inside the attention kernel;
 2. ``select``: one launch of the top-p kernel over the sparse target layers' rows;
 3. ``verify``: one ``k + 1``-token forward of the target at the same positions, sparse layers reading only the
    selected chunks;
@@ -99,6 +101,7 @@ class DecodeEngine:
         # -- state carried from step to step
         self.L = torch.zeros(1, **i64)  # positions both caches hold (the last emitted token is not among them)
         self.cur = torch.zeros(1, 1, **i64)  # last emitted token: the first query of the next step
+        self.prev = torch.zeros(1, 1, **i64)  # the token at position L - 1 (or cur when L = 0)
         self.step_no = torch.zeros(1, **i64)  # counter of the random draws
         self.seed = torch.zeros(1, **i64)
         self.temperature = torch.ones(1, dtype=torch.float32, device=dev)
@@ -112,7 +115,8 @@ class DecodeEngine:
         self.verify_len = torch.zeros(1, **i32)
         self.tlogits = None  # [k + 1, V], allocated by the first verify (model dtype)
         self.drafted = torch.zeros(k + 1, **i64)  # k drafted tokens (+ one spare slot)
-        self.draft_pos = torch.zeros(k + 1, **i64)
+        self.draft_ids0 = torch.zeros(1, 2, **i64)  # first draft forward: [prev, cur]
+        self.draft_pos = torch.zeros(k + 1, **i64)  # L - 1, L, ..., L + k - 1 (clamped at 0)
         self.draft_lens = torch.zeros(k + 1, **i32)
         self.q_probs = torch.zeros(k + 1, vocab, dtype=torch.float32, device=dev) if sampling != "greedy" and k \
             else None  # the last row stays 0: the bonus position has no draft distribution
@@ -134,9 +138,11 @@ class DecodeEngine:
         self.draft_ctx = []
         if k:
             kv_d = store.kv["draft"]
-            self.draft_ctx = [ForwardContext(kv_d, self.draft_pos[s : s + 1], self.draft_lens[s : s + 1], c, backend,
-                                             record={i: self.scores[r : r + 1] for r, i in enumerate(rec)})
-                              for s in range(k + 1)]
+            rows = {i: self.scores[r : r + 1] for r, i in enumerate(rec)}
+            self.draft_ctx = [ForwardContext(kv_d, self.draft_pos[0:2], self.draft_lens[1:2], c, backend, record=rows,
+                                             record_last_query=True)]
+            self.draft_ctx += [ForwardContext(kv_d, self.draft_pos[s + 1 : s + 2], self.draft_lens[s + 1 : s + 2], c,
+                                              backend, record=rows) for s in range(1, k)]
         self.phases = {"draft": self._draft, "select": self._select, "verify": self._verify,
                        "accept": self._accept_phase} if k else {"verify": self._decode}
         if not plan.sparse_layers:
@@ -161,16 +167,17 @@ class DecodeEngine:
 
     def _draft(self) -> None:
         self.scores.zero_()
-        torch.add(self.L, self.offsets, out=self.draft_pos)
+        torch.add(self.L, self.offsets - 1, out=self.draft_pos)
+        self.draft_pos.clamp_(min=0)  # L = 0 (one-token prompt): the first forward's two rows are cur at 0
         self.draft_lens.copy_(self.draft_pos + 1)
-        tok = self.cur
-        for s in range(self.k + 1):
+        self.draft_ids0[:, :1].copy_(self.prev)
+        self.draft_ids0[:, 1:].copy_(self.cur)
+        ids, pos = self.draft_ids0, self.draft_pos[0:2].view(1, 2)
+        for s in range(self.k):
             with active(self.draft_ctx[s]):
-                logits = self.forwards["draft"](tok, self.draft_pos[s : s + 1].view(1, 1))[0, -1]
-            if s == self.k:  # this forward only writes the last drafted token's K/V and records its row
-                break
+                logits = self.forwards["draft"](ids, pos)[0, -1]
             self.drafted[s : s + 1].copy_(self._choose(logits, s))
-            tok = self.drafted[s : s + 1].view(1, 1)
+            ids, pos = self.drafted[s : s + 1].view(1, 1), self.draft_pos[s + 2 : s + 3].view(-1, 1)
 
     def _select(self) -> None:
         c = self.plan.chunk_size
@@ -226,6 +233,7 @@ class DecodeEngine:
     def _emit(self, n: torch.Tensor, emitted: torch.Tensor) -> None:
         self.out[:1].copy_(n + 1)
         self.out[1 : 1 + emitted.numel()].copy_(emitted)
+        self.prev.view(1).copy_(self.verify_ids[0].index_select(0, n))  # the token now at position L + n
         self.cur.view(1).copy_(emitted.index_select(0, n))
         self.L.add_(n + 1)  # rollback of both caches: the rejected positions are simply beyond L
         self.step_no.add_(1)
@@ -247,7 +255,11 @@ class DecodeEngine:
         if not self.graphs_enabled or self.graphs:
             return 0.0
         t0 = time.perf_counter()
-        self.L.zero_()
+        # warm up at the end of the caches, and forget any cached prompt prefix reaching there (the warm-up
+        # overwrites those positions)
+        first = self.store.capacity - 2 * (self.k + 2)
+        self.L.fill_(first)
+        self.store.invalidate_from(first)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
@@ -265,13 +277,17 @@ class DecodeEngine:
         self.capture_seconds = time.perf_counter() - t0
         return self.capture_seconds
 
-    def start(self, length: int, last_token: int, *, seed: int = 0, temperature: float = 1.0,
-              top_p: float = 1.0) -> None:
-        """Begin decoding after ``length`` cached positions, with ``last_token`` emitted but not yet cached."""
+    def start(self, length: int, last_token: int, prev_token: int | None = None, *, seed: int = 0,
+              temperature: float = 1.0, top_p: float = 1.0) -> None:
+        """Begin decoding after ``length`` cached positions (``prev_token`` the one at ``length - 1``), with
+        ``last_token`` emitted but not yet cached."""
         if length + self.k + 1 > self.store.capacity:
             raise ValueError(f"{length} cached positions + k + 1 exceed the capacity {self.store.capacity}")
+        if length > 0 and prev_token is None:
+            raise ValueError("prev_token (the token at position length - 1) is needed when length > 0")
         self.L.fill_(length)
         self.cur.fill_(last_token)
+        self.prev.fill_(last_token if length == 0 else prev_token)
         self.step_no.zero_()
         self.seed.fill_(seed)
         self.temperature.fill_(temperature)

@@ -54,7 +54,9 @@ def _sparse_attn_split_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     if RAGGED:
         n_keys = tl.load(len_ptr + b)
-    q_pos = n_keys - Q_LEN + t  # absolute position of each row's query
+    # absolute position of each row's query; clamped at 0 for the engine's first draft forward after a one-token
+    # prompt, whose two rows are the same token at position 0 (they must see the same key)
+    q_pos = tl.maximum(n_keys - Q_LEN + t, 0)
 
     # Groups of CHUNKS_PER_ITER selected chunks are dealt round-robin to the splits: every split gets its share
     # of however many chunks were selected, with no host sync to learn the count.
@@ -171,11 +173,13 @@ def _combine_kernel(
 def _pool_record_kernel(
     rec_m_ptr, rec_l_ptr, lse_ptr, len_ptr, scores_ptr, n_rows, n_cap, weight,
     stride_rb, stride_rrow, stride_sb,
-    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, Q_LEN: tl.constexpr,
+    LAST_ONLY: tl.constexpr,
 ):
     """``scores[b, c] += weight * sum_rows l[row, c] * 2^(m[row, c] - lse[row])`` for the chunks ``c`` the rows
     could read (``c < ceil(len / CHUNK)``; entries past it were never written). One program per block of chunks,
-    ``BLOCK_R`` rows at a time; the sum runs in a fixed order, so the result does not depend on the launch."""
+    ``BLOCK_R`` rows at a time; the sum runs in a fixed order, so the result does not depend on the launch.
+    ``LAST_ONLY``: only the rows of the last query (row ``r`` is query ``r % Q_LEN``)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     offs = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -186,6 +190,8 @@ def _pool_record_kernel(
     for r0 in range(0, n_rows, BLOCK_R):
         r = r0 + offs_r
         r_ok = r < n_rows
+        if LAST_ONLY:
+            r_ok = r_ok & (r % Q_LEN == Q_LEN - 1)
         lse = tl.load(lse_ptr + b * n_rows + r, mask=r_ok, other=0.0)
         ptrs = b * stride_rb + r[:, None] * stride_rrow + offs[None, :]
         both = r_ok[:, None] & ok[None, :]

@@ -73,7 +73,8 @@ def sparse_attention_paged_reference(q: torch.Tensor, k_pool: torch.Tensor, v_po
 def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor,
                                      chunk_mask: torch.Tensor | None = None, *, chunk_size: int,
                                      scale: float | None = None, record: torch.Tensor | None = None,
-                                     record_weight: float | None = None) -> torch.Tensor:
+                                     record_weight: float | None = None,
+                                     record_last_query: bool = False) -> torch.Tensor:
     """Causal attention over a preallocated cache whose valid length lives in a tensor (the decode engine's form).
 
     Static shapes, no host read of the lengths: what the engine's torch backend runs, and the reference for the
@@ -91,13 +92,13 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         bool ``[B, >= ceil(cap / chunk_size)]``: the selected chunks; ``None`` = dense.
     record : torch.Tensor, optional
         float32 ``[B, >= ceil(cap / chunk_size)]``: ``record_weight`` (default ``1 / H``) times the attention mass
-        of each chunk, summed over heads and queries, is added to it.
+        of each chunk, summed over heads and queries (the last query only with ``record_last_query``), is added.
     """
     b, h, tq, d = q.shape
     hkv, cap = k.shape[1], k.shape[2]
     scale = scale if scale is not None else d ** -0.5
     key_pos = torch.arange(cap, device=q.device)
-    q_pos = kv_lens.to(q.device).long()[:, None] - tq + torch.arange(tq, device=q.device)  # [B, Tq]
+    q_pos = (kv_lens.to(q.device).long()[:, None] - tq + torch.arange(tq, device=q.device)).clamp_min(0)  # [B, Tq]
     visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Tq, cap]: causal, hence also < kv_lens
     if chunk_mask is not None:
         n_chunks = -(-cap // chunk_size)
@@ -110,11 +111,11 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     out = torch.matmul(probs.to(q.dtype).view(b, hkv, (h // hkv) * tq, cap), v).view(b, h, tq, v.shape[-1])
-    mass = probs.view(b, h * tq, cap)
+    mass = (probs[:, :, -1:] if record_last_query else probs).reshape(b, -1, cap)
     pad = -cap % chunk_size
     if pad:
         mass = F.pad(mass, (0, pad))
-    pooled = mass.view(b, h * tq, -1, chunk_size).sum(-1).sum(1)  # [B, C]
+    pooled = mass.view(b, mass.shape[1], -1, chunk_size).sum(-1).sum(1)  # [B, C]
     weight = (1.0 / h) if record_weight is None else float(record_weight)
     record[:, : pooled.shape[1]] += weight * pooled
     return out

@@ -18,6 +18,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                             num_splits: int | None = None, out: torch.Tensor | None = None,
                             page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                             record: torch.Tensor | None = None, record_weight: float | None = None,
+                            record_last_query: bool = False,
                             chunks_per_iter: int = CHUNKS_PER_ITER, num_warps: int = 4, num_stages: int = 2
                             ) -> torch.Tensor:
     """Block-sparse causal attention of ``q`` (the newest ``Tq`` positions) over the chunks ``idx[b, :count[b]]``.
@@ -43,7 +44,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     record : torch.Tensor, optional
         float32 ``[B, >= ceil(Tk / chunk_size)]``: adds ``record_weight`` (default ``1 / H``) times each chunk's
         attention mass, summed over heads and queries, to this buffer (the head-averaged, chunk-pooled
-        attention the draft records), computed inside the attention kernel.
+        attention the draft records), computed inside the attention kernel. ``record_last_query``: the last
+        query's rows only (a forward that also rewrites the previous position records the new token's row).
     chunks_per_iter, num_warps, num_stages : int
         Launch settings (chunks gathered per key tile, warps, software-pipelining depth): the speed, never the
         result (``bench/kernels.py --sections decode`` sweeps them).
@@ -136,7 +138,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         _pool_record_kernel[(triton.cdiv(record.shape[1], block_c), b)](
             rec_m, rec_l, lse, lens, record, hkv * rows, record.shape[1], weight,
             rec_m.stride(0), rec_m.stride(2), record.stride(0), CHUNK=chunk_size, BLOCK_C=block_c,
-            BLOCK_R=min(32, triton.next_power_of_2(hkv * rows)), num_warps=4,
+            BLOCK_R=min(32, triton.next_power_of_2(hkv * rows)), Q_LEN=tq, LAST_ONLY=bool(record_last_query),
+            num_warps=4,
         )
     return out
 
