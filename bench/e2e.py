@@ -133,7 +133,7 @@ def hf_compiled_ar(model, ids: torch.Tensor, new_tokens: int, chunk: int = 4096)
     code = None
     try:
         n = ids.shape[1]
-        cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
+        cache = StaticCache(config=model.config, max_cache_len=n + 2 * new_tokens + 16)  # warm-up + 2 timings
         for s in range(0, n - 1, chunk):
             model(input_ids=ids[:, s : min(s + chunk, n - 1)], past_key_values=cache, use_cache=True,
                   logits_to_keep=1)
