@@ -272,6 +272,9 @@ class SpecAttnRuntime:
         self._engines.clear()
         self._caches.store = None
         if torch.cuda.is_available():
+            import gc
+
+            gc.collect()  # an engine and its bound phase methods form a cycle: free the caches now, not later
             torch.cuda.empty_cache()
 
 
