@@ -5,6 +5,13 @@ in full; and no synchronisation inside a captured step.
 Models are random-weight Llamas in float32 with a large initialisation (peaked logits: no near-ties for float
 rounding to flip), in the shapes the kernels specialise on: MHA with head_dim 128, GQA 8/2 with head_dim 64, and
 a single KV head.
+
+Token-for-token comparisons run every sparse layer through selection and the block-sparse kernel with p = 1.
+With p < 1 the two paths cannot be compared token for token on a GPU: the engine records the draft's attention
+inside its attention kernel, the eager loop with a softmax in torch, and a relative difference of 1e-6 in a
+recorded score moves a chunk across the top-p boundary now and then. On these random models that changes the
+greedy text within a few tokens (measured on CPU: 1e-6 relative noise in the eager loop's recorded scores at
+p = 0.6 changes the 4th token of 48 on the GQA layout; at p = 1, none). The sparse runs check the read share.
 """
 
 import dataclasses
@@ -56,32 +63,34 @@ def prompt(n: int, seed: int = 3) -> list[int]:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("context", [300, 2500, 6000])
 def test_graphs_equal_eager_loop(layout, context):
-    eager, static = runtimes(layout, 0.6, compile=False)
+    eager, static = runtimes(layout, 1.0, compile=False)
     ids = prompt(context)
     for k in (1, 4, 8):
         for temperature in (0.0, 0.8):
             kw = dict(k=k, temperature=temperature, seed=5, eos_token_id=None)
             a, b = eager.generate(ids, 48, **kw), static.generate(ids, 48, **kw)
             assert b.stats.engine == "static" and b.stats.time_capture > 0  # a new (k, sampling) pair: captured
-            if temperature > 0:
-                # Sampled tokens are arg-maxima of p / E over the vocabulary and acceptance compares u * q with p:
-                # the two paths' probabilities differ in the last float bits (different attention kernels), so a
-                # near-tie can fall either way and the texts part; they must not part early (test_engine.py asks
-                # full equality on CPU, where both paths do the same arithmetic).
-                same = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
-                print(f"{layout} ctx {context} k={k}: sampled texts agree on {same} of {len(a.tokens)} tokens")
-                assert same >= 16, f"k={k}: {a.tokens} vs {b.tokens}"
-                continue
             assert a.tokens == b.tokens, f"k={k} T={temperature}: {a.tokens} vs {b.tokens}"
             assert a.stats.accepted_hist == b.stats.accepted_hist
-            # the fused recording sums in another order than the eager softmax: a boundary chunk of top-p can
-            # fall either way (tokens still agree)
-            assert a.stats.kv_read_fraction == pytest.approx(b.stats.kv_read_fraction, rel=0.05)
+            assert a.stats.kv_read_fraction == pytest.approx([1.0] * 4)
             if k == 4 and temperature == 0.0:
                 print(layout, context, "accepted per step", b.stats.accepted_hist)
     graphs = dict(static._engines[(4, "greedy")].graphs)
     static.generate(ids, 48, k=4, seed=5, eos_token_id=None)  # graphs reused: no capture
     assert static._engines[(4, "greedy")].graphs == graphs
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sparse_runs_read_what_the_eager_loop_reads(layout):
+    """p = 0.6: the same share of keys per layer (within the boundary noise explained above)."""
+    eager, static = runtimes(layout, 0.6, compile=False)
+    ids = prompt(4000, seed=4)
+    a, b = (rt.generate(ids, 48, k=4, eos_token_id=None) for rt in (eager, static))
+    same = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
+    print(f"{layout}: KV read {a.stats.kv_read_fraction} vs {b.stats.kv_read_fraction}; tokens agree on {same}")
+    assert a.stats.kv_read_fraction[0] == b.stats.kv_read_fraction[0] == 1.0
+    assert b.stats.kv_read_fraction[1:] == pytest.approx(a.stats.kv_read_fraction[1:], rel=0.1)
+    assert all(0.05 < f < 0.9 for f in b.stats.kv_read_fraction[1:])
 
 
 def test_full_reads_equal_transformers_greedy():
@@ -102,7 +111,7 @@ def test_a_captured_step_does_not_synchronise():
     ids = prompt(2000)
     static.generate(ids, 8, k=4, temperature=0.7, seed=1, eos_token_id=None)  # captures
     eng = static._engines[(4, "sample")]
-    eng.start(len(ids) - 1, ids[-1], seed=1, temperature=0.7)
+    eng.start(len(ids) - 1, ids[-1], ids[-2], seed=1, temperature=0.7)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
