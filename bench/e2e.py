@@ -176,7 +176,7 @@ def hf_compiled_ar(model, ids: torch.Tensor, new_tokens: int, chunk: int = 4096)
 
 def run_ours(rt: SpecAttnRuntime, ids: torch.Tensor, new_tokens: int, k: int, accepted_length: float) -> dict:
     ForcedAcceptance.accepted_length = accepted_length
-    rt.generate(ids[0], 2 * (k + 1), k=k, eos_token_id=None)  # capture (first use) + a short warm run
+    warm = rt.generate(ids[0], 2 * (k + 1), k=k, eos_token_id=None)  # capture (first use) + a short warm run
     out = rt.generate(ids[0], new_tokens, k=k, eos_token_id=None)
     s = out.stats
     per_step = 1e3 / s.steps
@@ -185,7 +185,10 @@ def run_ours(rt: SpecAttnRuntime, ids: torch.Tensor, new_tokens: int, k: int, ac
             "split_ms": {"draft": s.time_draft * per_step, "select": s.time_select * per_step,
                          "verify": s.time_verify * per_step,
                          "other": (s.time_decode - s.time_draft - s.time_select - s.time_verify) * per_step},
-            "measured_accepted_length": s.mean_accepted_length, "kv_read_all_layers": kv, "steps": s.steps}
+            "measured_accepted_length": s.mean_accepted_length, "kv_read_all_layers": kv, "steps": s.steps,
+            # first use of this (runtime, k) on these caches: allocation, compilation (first time per query
+            # length), warm-up and graph capture; 0-ish afterwards
+            "capture_s": warm.stats.time_capture, "prefill_s": warm.stats.time_prefill}
 
 
 def main() -> None:

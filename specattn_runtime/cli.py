@@ -17,13 +17,15 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--target", required=True, help="target model directory")
     g.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt ('-' for stdin)")
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--k", type=int, default=6, help="drafted tokens per verification")
+    g.add_argument("--k", type=int, default=6, help="drafted tokens per verification (0: the target alone)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of tokens (not KV selection)")
     g.add_argument("--seed", type=int)
     g.add_argument("--backend", default="auto",
                    help="sparse attention backend: auto (triton on CUDA, torch elsewhere)|torch|triton|flashinfer")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--engine", default="auto", choices=["auto", "static", "eager"],
+                   help="static: preallocated caches + CUDA graphs (default on CUDA); eager: the reference loop")
     g.add_argument("--allow-mismatch", action="store_true", help="accept models whose hashes differ")
     args = ap.parse_args(argv)
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prompt = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
     rt = SpecAttnRuntime.from_artifact(args.artifact, draft=args.draft, target=args.target, device=args.device,
-                                       backend=args.backend, allow_mismatch=args.allow_mismatch)
+                                       backend=args.backend, allow_mismatch=args.allow_mismatch, engine=args.engine)
     ids = rt.tokenizer(prompt).input_ids
     emitted: list[int] = []
     shown = ""

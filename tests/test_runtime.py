@@ -122,3 +122,25 @@ def test_cli_streams_text(quick_pair, artifacts, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip(), "no text streamed"
     assert json.loads(res.stderr[res.stderr.index("{"):])["new_tokens"] >= 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_static_engine_equals_eager_loop_on_the_real_pair(quick_pair, artifacts, prompt_ids, temperature):
+    """The decode engine's bookkeeping (device-side lengths, rollback, acceptance and sampling on the device) on
+    the shipped models, run without graphs on CPU, against the eager loop: the same tokens."""
+    d, t = quick_pair
+    eager = SpecAttnRuntime.from_artifact(artifacts[0.9], draft=d, target=t)
+    static = SpecAttnRuntime(eager.artifact, eager.draft, eager.target, eager.tokenizer, engine="static")
+    kw = dict(k=4, temperature=temperature, top_p=0.95, seed=3, eos_token_id=None)
+    a, b = eager.generate(prompt_ids, 32, **kw), static.generate(prompt_ids, 32, **kw)
+    assert (a.stats.engine, b.stats.engine) == ("eager", "static")
+    assert a.tokens == b.tokens and a.stats.accepted_hist == b.stats.accepted_hist
+    assert b.stats.kv_read_fraction == pytest.approx(a.stats.kv_read_fraction, rel=0.02)
+
+
+def test_static_engine_with_full_reads_equals_greedy(quick_pair, artifacts, prompt_ids, greedy_reference):
+    d, t = quick_pair
+    rt = SpecAttnRuntime.from_artifact(artifacts[1.0], draft=d, target=t, exact_dense_shortcut=False,
+                                       engine="static")
+    assert rt.generate(prompt_ids, N_NEW, k=4, eos_token_id=None).tokens == greedy_reference
+    assert rt.generate(prompt_ids, N_NEW, k=0, eos_token_id=None).tokens == greedy_reference
