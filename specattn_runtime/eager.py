@@ -16,7 +16,7 @@ from .cache import preallocated_cache
 from .rng import SLOT_FINAL, sample
 from .sampling import greedy_accept, probs_device, speculative_accept
 from .selection import select_chunks
-from .stats import GenerationOutput, GenerationStats
+from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
 
 
 def select(rt, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
@@ -86,8 +86,8 @@ def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature:
     cur = ids_t[:, -1:]
     prev = ids[-2] if n > 1 else None  # the token at the last cached position
     sampling = _sampling_args(temperature, top_p, dev)
-    out: list[int] = []
-    while len(out) < max_new_tokens:
+    sink = TokenSink(max_new_tokens, eos_token_id, on_tokens)
+    while not sink.done:
         step = stats.steps  # the random draws of this step are (seed, step, slot)
         rt._sync()
         t0 = time.perf_counter()
@@ -106,21 +106,11 @@ def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature:
             prev = int(cur) if len(new) == 1 else new[-2]
             n += len(new)
             cur = torch.tensor([[new[-1]]], device=dev)
-        if eos_token_id is not None and eos_token_id in new:
-            new = new[: new.index(eos_token_id) + 1]
-        new = new[: max_new_tokens - len(out)]
-        out.extend(new)
-        if on_tokens is not None:
-            on_tokens(new)
-        if eos_token_id is not None and new and new[-1] == eos_token_id:
-            break
-    stats.kv_read_sum = [float(stats.steps)] * len(rt.layer_map)  # dense layers read everything
-    if k:
-        for j, v in zip(rt.sparse_layers, kv_read.tolist()):
-            stats.kv_read_sum[j] = v
-    stats.new_tokens = len(out)
+        sink.add(new)
+    stats.kv_read_sum = kv_read_sums(len(rt.layer_map), stats.steps, rt.sparse_layers if k else [], kv_read.tolist())
+    stats.new_tokens = len(sink.tokens)
     stats.time_total = time.perf_counter() - t_start
-    return GenerationOutput(out, stats)
+    return GenerationOutput(sink.tokens, stats)
 
 
 def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read) -> list[int]:

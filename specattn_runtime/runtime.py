@@ -30,7 +30,7 @@ from .artifact import Artifact, load_artifact
 from .engine import DecodeEngine, KVStore, SparsePlan, check_supported, make_forward
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
-from .stats import GenerationOutput, GenerationStats
+from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
 
 ENGINES = ("auto", "static", "eager")
 CAPACITY_STEP = 2048  # caches (and the graphs captured over them) come in multiples of this many positions
@@ -207,30 +207,21 @@ class SpecAttnRuntime:
                   temperature=max(temperature, 1e-6), top_p=top_p)
         self._sync()
         stats.time_prefill = time.perf_counter() - t_prefill
-        out: list[int] = []
-        while len(out) < max_new_tokens:
+        sink = TokenSink(max_new_tokens, eos_token_id, on_tokens)
+        while not sink.done:
             new = eng.step()
             stats.steps += 1
             stats.accepted += len(new) - 1
             stats.accepted_hist[len(new) - 1] += 1
-            if eos_token_id is not None and eos_token_id in new:
-                new = new[: new.index(eos_token_id) + 1]
-            new = new[: max_new_tokens - len(out)]
-            out.extend(new)
-            if on_tokens is not None:
-                on_tokens(new)
-            if eos_token_id is not None and new and new[-1] == eos_token_id:
-                break
+            sink.add(new)
         stats.drafted = k * stats.steps
-        stats.kv_read_sum = [float(stats.steps)] * len(self.layer_map)
-        if k:
-            for j, v in zip(self.plan.sparse_layers, eng.kv_read_sum()):
-                stats.kv_read_sum[j] = v
+        stats.kv_read_sum = kv_read_sums(len(self.layer_map), stats.steps, self.plan.sparse_layers,
+                                         eng.kv_read_sum())
         times = eng.times  # the accept phase and the host loop are what "other" is made of
         stats.time_draft, stats.time_select, stats.time_verify = times.draft, times.select, times.verify
-        stats.new_tokens = len(out)
+        stats.new_tokens = len(sink.tokens)
         stats.time_total = time.perf_counter() - t_start
-        return GenerationOutput(out, stats)
+        return GenerationOutput(sink.tokens, stats)
 
     # -- the decode engine's caches and graphs ------------------------------------------------------------------
 
@@ -247,7 +238,7 @@ class SpecAttnRuntime:
         if eng is None or eng.store is not caches.store:  # new, or its caches were replaced through a sharer
             plan = self.plan if k else SparsePlan(chunk_size=self.chunk_size)
             eng = self._engines[key] = self.engine_class(
-                self.target, self.draft, caches.store, plan, k, self._model_forwards(), sampling=sampling,
+                self.target, caches.store, plan, k, self._model_forwards(), sampling=sampling,
                 backend=self.backend, graphs=next(self.target.parameters()).is_cuda)
         return eng
 

@@ -64,3 +64,31 @@ class GenerationStats:
 class GenerationOutput:
     tokens: list[int]  # new tokens only
     stats: GenerationStats
+
+
+class TokenSink:
+    """The tokens a generation emits: cut at EOS and at ``max_new_tokens``, streamed to ``on_tokens``."""
+
+    def __init__(self, max_new_tokens: int, eos_token_id: int | None, on_tokens=None):
+        self.max_new_tokens, self.eos_token_id, self.on_tokens = max_new_tokens, eos_token_id, on_tokens
+        self.tokens: list[int] = []
+        self.done = False
+
+    def add(self, new: list[int]) -> None:
+        """Take one step's tokens; sets ``done`` after EOS or when ``max_new_tokens`` are in."""
+        if self.eos_token_id is not None and self.eos_token_id in new:
+            new = new[: new.index(self.eos_token_id) + 1]
+            self.done = True
+        new = new[: self.max_new_tokens - len(self.tokens)]
+        self.tokens.extend(new)
+        if self.on_tokens is not None:
+            self.on_tokens(new)
+        self.done = self.done or len(self.tokens) >= self.max_new_tokens
+
+
+def kv_read_sums(n_layers: int, steps: int, sparse_layers, sparse_sums) -> list[float]:
+    """Per target layer, the summed fraction of keys read: ``steps`` for dense layers (they read everything)."""
+    sums = [float(steps)] * n_layers
+    for j, v in zip(sparse_layers, sparse_sums):
+        sums[j] = v
+    return sums

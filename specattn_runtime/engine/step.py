@@ -64,8 +64,8 @@ class DecodeEngine:
 
     Parameters
     ----------
-    target, draft : torch.nn.Module
-        transformers causal LMs loaded with the ``"specattn"`` attention (``draft`` unused when ``k = 0``).
+    target : torch.nn.Module
+        The target model (its config gives the vocabulary size; the forwards below call the models).
     store : KVStore
         Caches with roles ``"target"`` (and ``"draft"``).
     plan : SparsePlan
@@ -81,13 +81,13 @@ class DecodeEngine:
         Capture each phase as a CUDA graph (CUDA only).
     """
 
-    def __init__(self, target, draft, store: KVStore, plan: SparsePlan, k: int, forwards: dict, *,
+    def __init__(self, target, store: KVStore, plan: SparsePlan, k: int, forwards: dict, *,
                  sampling: str = "greedy", backend: str = "triton", graphs: bool = False):
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        self.target, self.draft, self.store, self.plan, self.k = target, draft, store, plan, k
+        self.target, self.store, self.plan, self.k = target, store, plan, k
         self.forwards, self.sampling, self.backend = forwards, sampling, backend
         dev = store.device
         self.device = dev
@@ -116,7 +116,7 @@ class DecodeEngine:
         self.tlogits = None  # [k + 1, V], allocated by the first verify (model dtype)
         self.drafted = torch.zeros(k + 1, **i64)  # k drafted tokens (+ one spare slot)
         self.draft_ids0 = torch.zeros(1, 2, **i64)  # first draft forward: [prev, cur]
-        self.draft_pos = torch.zeros(k + 1, **i64)  # L - 1, L, ..., L + k - 1 (clamped at 0)
+        self.draft_pos = torch.zeros(k + 1, **i64)  # L - 1, L, ..., L + k - 1 (the first clamped at 0)
         self.draft_lens = torch.zeros(k + 1, **i32)
         self.q_probs = torch.zeros(k + 1, vocab, dtype=torch.float32, device=dev) if sampling != "greedy" and k \
             else None  # the last row stays 0: the bonus position has no draft distribution
