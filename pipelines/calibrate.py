@@ -27,11 +27,18 @@ from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact, load_art
 
 from . import calibration_tasks as T
 from .evaluate import holdout_perplexity
-from .presets import resolve_pair
+from .presets import check_pair, resolve_pair
 
 
-def _check_params(chunk_size: int, recall_budget: float, global_p: float | None, window_tokens: int,
-                  num_windows: int, holdout_windows: int, queries_per_window: int, dense_layers: int) -> None:
+def check_params(preset: str | None = "quick", draft: str | None = None, target: str | None = None,
+                 corpus: str | None = None, chunk_size: int = 16, recall_budget: float = 0.95,
+                 global_p: float | None = None, window_tokens: int = 1024, num_windows: int = 16,
+                 holdout_windows: int = 4, queries_per_window: int = 64, dense_layers: int = 2, **_) -> None:
+    """The flow's parameters, checked without a Prefect server or a model: the flow calls it first, and
+    ``python -m pipelines.calibrate`` calls it before it starts the flow (a typo costs no server start-up)."""
+    check_pair(preset, draft, target)
+    if corpus is not None and not Path(corpus).expanduser().exists():
+        raise ValueError(f"corpus {corpus} does not exist (a .txt file or a directory of them)")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if not 0.0 < recall_budget <= 1.0:
@@ -121,8 +128,8 @@ def calibrate(
         Finish early, reusing ``latest``, when models, corpus and parameters are unchanged (scheduled runs).
     """
     log = get_run_logger()
-    _check_params(chunk_size, recall_budget, global_p, window_tokens, num_windows, holdout_windows,
-                  queries_per_window, dense_layers)
+    check_params(preset, draft, target, corpus, chunk_size, recall_budget, global_p, window_tokens, num_windows,
+                 holdout_windows, queries_per_window, dense_layers)
     out_root = _writable_dir(output_dir)
     work_dir = str(out_root / ".work")
     timings: dict[str, float] = {}
@@ -252,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument(f"--{name}", type=typ)
     ap.add_argument("--output-dir", default=os.environ.get("SPECATTN_ARTIFACTS", "artifacts"))
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    try:
+        check_params(**args)
+    except (ValueError, OSError) as e:
+        ap.error(str(e))
     print(calibrate(**args))
 
 

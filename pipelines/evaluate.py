@@ -37,7 +37,7 @@ from specattn_runtime.runtime import check_against_models
 
 from . import quality_report, sparse_eval
 from .eval_text import book_windows, load_books
-from .presets import resolve_pair
+from .presets import check_pair, resolve_pair
 from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, Method
 
 DEFAULT_GLOBAL_P = (0.95, 0.97, 0.99)
@@ -130,6 +130,30 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def check_params(artifact: str = "artifacts/quick/latest.safetensors", preset: str | None = "quick",
+                 draft: str | None = None, target: str | None = None, text: str | None = None,
+                 text_tokens: int = 2048, num_texts: int = 4, prefill_fraction: float = 0.1,
+                 global_p: tuple[float, ...] = DEFAULT_GLOBAL_P, curve_budgets: tuple[float, ...] = DEFAULT_CURVE_BUDGETS,
+                 **_) -> None:
+    """The flow's parameters, checked without a Prefect server or a model (the artifact file is read: it is
+    small); the flow calls it first, ``python -m pipelines.evaluate`` before it starts the flow."""
+    if not 0.0 <= prefill_fraction < 1.0:
+        raise ValueError(f"prefill_fraction must lie in [0, 1), got {prefill_fraction}")
+    if num_texts < 1:
+        raise ValueError(f"num_texts must be >= 1, got {num_texts}")
+    for name, values in (("global_p", global_p), ("curve_budgets", curve_budgets)):
+        bad = [v for v in values if not 0.0 < v <= 1.0]
+        if bad:
+            raise ValueError(f"{name} values must lie in (0, 1], got {bad}")
+    if text is not None and not Path(text).expanduser().exists():
+        raise ValueError(f"text {text} does not exist (a .txt book or a directory of them)")
+    check_pair(preset, draft, target)
+    art = load_artifact(Path(artifact).expanduser())
+    if text_tokens < 2 * art.chunk_size or math.ceil(prefill_fraction * text_tokens) >= text_tokens - 1:
+        raise ValueError(f"text_tokens={text_tokens} is too short: it must hold two chunks of {art.chunk_size} "
+                         "and leave decode steps after the prefill")
+
+
 @flow(name="evaluate", log_prints=True)
 def evaluate(
     artifact: str = "artifacts/quick/latest.safetensors",
@@ -173,15 +197,10 @@ def evaluate(
     """
     log = get_run_logger()
     t_start = time.perf_counter()
-    if not 0.0 <= prefill_fraction < 1.0:
-        raise ValueError(f"prefill_fraction must lie in [0, 1), got {prefill_fraction}")
-    if num_texts < 1:
-        raise ValueError(f"num_texts must be >= 1, got {num_texts}")
+    check_params(artifact, preset, draft, target, text, text_tokens, num_texts, prefill_fraction, global_p,
+                 curve_budgets)
     art_path = Path(artifact).expanduser()
     art = load_artifact(art_path)
-    if text_tokens < 2 * art.chunk_size or math.ceil(prefill_fraction * text_tokens) >= text_tokens - 1:
-        raise ValueError(f"text_tokens={text_tokens} is too short: it must hold two chunks of {art.chunk_size} "
-                         "and leave decode steps after the prefill")
     draft_dir, target_dir, _ = resolve_pair(preset, draft, target)
     draft_dir, target_dir = str(check_model_dir(draft_dir, "draft")), str(check_model_dir(target_dir, "target"))
     check_against_models(art, Path(draft_dir), Path(target_dir), num_layers(draft_dir), num_layers(target_dir),
@@ -248,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.get("quick"):
         args.setdefault("text_tokens", 512)
         args.setdefault("num_texts", 1)
+    try:
+        check_params(**args)
+    except (ValueError, OSError) as e:
+        ap.error(str(e))
     print(evaluate(**args))
 
 

@@ -40,13 +40,24 @@ PAIRS: dict[str, PairPreset] = {
 }
 
 
-def resolve_pair(preset: str | None, draft: str | None, target: str | None) -> tuple[str, str, str]:
-    """``(draft_dir, target_dir, pair_name)`` from two local model directories or a preset (fetched if needed)."""
+def check_pair(preset: str | None, draft: str | None, target: str | None) -> None:
+    """Both model directories (existing, with a config) or neither and a known preset; no download."""
     if draft and target:
-        return draft, target, preset or f"{Path(draft).name}__{Path(target).name}"
+        from specattn_runtime.models import check_model_dir
+
+        check_model_dir(draft, "draft")
+        check_model_dir(target, "target")
+        return
     if draft or target:
         raise ValueError("pass both draft and target model paths, or neither (and a preset)")
     if preset not in PAIRS:
         raise ValueError(f"unknown preset {preset!r}; presets are {sorted(PAIRS)}, or pass draft= and target=")
+
+
+def resolve_pair(preset: str | None, draft: str | None, target: str | None) -> tuple[str, str, str]:
+    """``(draft_dir, target_dir, pair_name)`` from two local model directories or a preset (fetched if needed)."""
+    if draft and target:
+        return draft, target, preset or f"{Path(draft).name}__{Path(target).name}"
+    check_pair(preset, draft, target)
     d, t = PAIRS[preset].ensure()
     return str(d), str(t), preset

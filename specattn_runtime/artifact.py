@@ -126,9 +126,11 @@ def validate_artifact(art: Artifact, path: str | os.PathLike | None = None) -> N
         raise _fail(path, f"mode is {md['mode']!r}, expected one of {MODES}")
     for key in JSON_METADATA:
         try:
-            json.loads(md[key])
+            value = json.loads(md[key])
         except json.JSONDecodeError as e:
             raise _fail(path, f"metadata {key!r} is not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise _fail(path, f"metadata {key!r} must be a JSON object, got {type(value).__name__} {md[key][:40]!r}")
     for key in ("chunk_size", "dense_layers"):
         try:
             int(md[key])
@@ -211,7 +213,17 @@ def _check_header(path: Path) -> None:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise _fail(path, "the safetensors header is not valid JSON: the file is corrupt") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if not isinstance(header, dict):
+        raise _fail(path, f"the safetensors header is a JSON {type(header).__name__}, not an object: the file is "
+                          "corrupt")
+    ends = []
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _fail(path, f"the safetensors header entry {k!r} has no valid data_offsets: the file is corrupt")
+        ends.append(offsets[1])
     if ends and 8 + n + max(ends) > size:
         raise _fail(path, f"file is truncated: tensors need {8 + n + max(ends)} bytes, the file has {size}")
 

@@ -1,4 +1,8 @@
-"""``specattn generate``: stream text from a prompt file with sparse speculative decoding."""
+"""``specattn generate``: stream text from a prompt file with sparse speculative decoding.
+
+Every mistake in the command line is one ``specattn: error: ...`` line and exit code 2, found before any model is
+loaded where it can be (arguments, files, device, backend); ``--debug`` shows the Python traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,35 @@ import json
 import sys
 from pathlib import Path
 
+from . import validate
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="specattn")
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        sys.stderr.write(f"specattn: error: {message}\n")
+        sys.exit(2)
+
+
+def read_prompt(path: str) -> str:
+    """The prompt text: ``-`` is stdin; a file must exist and be UTF-8 (the error gives the first bad byte)."""
+    if path == "-":
+        data, name = sys.stdin.buffer.read(), "standard input"
+    else:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise ValueError(f"prompt file {p} does not exist")
+        if not p.is_file():
+            raise ValueError(f"prompt file {p} is not a file")
+        data, name = p.read_bytes(), f"prompt file {p}"
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text: byte {e.start} is {data[e.start:e.start + 1]!r} "
+                         f"({e.reason}); convert it, e.g. iconv -t UTF-8") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="specattn")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text with SpecAttn")
     g.add_argument("--artifact", required=True, help="calibration artifact (.safetensors)")
@@ -21,17 +51,24 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of tokens (not KV selection)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--backend", default="auto",
-                   help="sparse attention backend: auto (triton on CUDA, torch elsewhere)|torch|triton|flashinfer")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--engine", default="auto", choices=["auto", "static", "eager"],
+    g.add_argument("--backend", default="auto", choices=validate.BACKENDS,
+                   help="sparse attention backend (auto: triton on CUDA, torch elsewhere)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--engine", default="auto", choices=validate.ENGINES,
                    help="static: preallocated caches + CUDA graphs (default on CUDA); eager: the reference loop")
     g.add_argument("--allow-mismatch", action="store_true", help="accept models whose hashes differ")
-    args = ap.parse_args(argv)
+    g.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+    return ap
+
+
+def _generate(args: argparse.Namespace) -> None:
+    # Everything checkable without the models first: a typo should not cost a minute of model loading.
+    validate.generation(args.max_new_tokens, args.k, args.temperature, args.top_p, args.seed, None, None)
+    validate.kernels(args.backend, "auto", args.engine, validate.device(args.device))
+    prompt = read_prompt(args.prompt_file)
 
     from .runtime import SpecAttnRuntime
 
-    prompt = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
     rt = SpecAttnRuntime.from_artifact(args.artifact, draft=args.draft, target=args.target, device=args.device,
                                        backend=args.backend, allow_mismatch=args.allow_mismatch, engine=args.engine)
     ids = rt.tokenizer(prompt).input_ids
@@ -50,6 +87,21 @@ def main(argv: list[str] | None = None) -> None:
                       seed=args.seed, on_tokens=stream)
     sys.stdout.write("\n")
     print(json.dumps(out.stats.summary(), indent=1), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        _generate(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("specattn: interrupted\n")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into a one-line message
+        if args.debug:
+            raise
+        message = (str(e) or type(e).__name__).replace("\n", "; ")
+        sys.stderr.write(f"specattn: error: {message}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

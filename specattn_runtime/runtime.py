@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-from . import hooks, rng
+from . import hooks, rng, validate
 from .artifact import Artifact, load_artifact
 from .engine import DecodeEngine, KVStore, SparsePlan, check_supported, make_forward
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
 
-ENGINES = ("auto", "static", "eager")
 CAPACITY_STEP = 2048  # caches (and the graphs captured over them) come in multiples of this many positions
 
 
@@ -50,10 +49,13 @@ def check_against_models(art: Artifact, draft_dir: Path, target_dir: Path, n_dra
               ("target_model", "weights_hash", weights_hash(target_dir)),
               ("draft_model", "weights_hash", weights_hash(draft_dir))]
     for field_, key, have in checks:
-        want = art.info(field_)[key]
+        want = art.info(field_).get(key)
+        model = target_dir if field_ == "target_model" else draft_dir
+        if want is None:
+            raise ValueError(f"artifact {field_} has no {key}, so it cannot be checked against {model}; pass "
+                             "allow_mismatch=True to use it unchecked")
         if want != have:
-            model = target_dir if field_ == "target_model" else draft_dir
-            raise ValueError(f"artifact {field_}.{key} is {want[:16]}... but {model} has {have[:16]}...: it was "
+            raise ValueError(f"artifact {field_}.{key} is {str(want)[:16]}... but {model} has {have[:16]}...: it was "
                              "calibrated on other weights; recalibrate, or pass allow_mismatch=True to use it anyway")
     tok = tokenizer_hash(target_dir)
     if art.metadata["tokenizer_hash"] != tok:
@@ -75,9 +77,12 @@ class SpecAttnRuntime:
                  selection: str = "auto", exact_dense_shortcut: bool = True, engine: str = "auto",
                  compile: bool | None = None):
         self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
-        on_cuda = next(target.parameters()).is_cuda
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        dev = next(target.parameters()).device
+        on_cuda = dev.type == "cuda"
+        validate.kernels(backend, selection, engine, dev)
+        if artifact.metadata.get("mode", "draft") != "draft":
+            raise ValueError(f"artifact mode {artifact.metadata['mode']!r} is not supported by this runtime yet: "
+                             "it drives draft-guided verification (mode 'draft') only")
         self.engine = ("static" if on_cuda else "eager") if engine == "auto" else engine
         self.compile = on_cuda if compile is None else bool(compile)
         if selection == "auto":  # the Triton kernel where it compiles, the same search in torch elsewhere
@@ -85,9 +90,6 @@ class SpecAttnRuntime:
         if backend == "auto":
             backend = "triton" if on_cuda else "torch"
         self.backend, self.selection = backend, selection
-        if self.engine == "static" and backend not in ("triton", "torch"):
-            raise ValueError(f"the decode engine reads its selections on the device; backend {backend!r} plans on "
-                             "the host every step: use engine='eager' with it, or backend 'triton' / 'torch'")
         for m in (draft, target):
             check_supported(m.config, triton=backend == "triton")
         self.chunk_size = artifact.chunk_size
@@ -124,6 +126,8 @@ class SpecAttnRuntime:
         **kwargs
             ``engine``, ``compile``, ``exact_dense_shortcut``: see the class.
         """
+        dev = validate.device(device)  # everything that can be checked is checked before a model loads
+        validate.kernels(backend, selection, kwargs.get("engine", "auto"), dev)
         art = load_artifact(path)
         d, t = check_model_dir(draft, "draft"), check_model_dir(target, "target")
         name = hooks.register()
@@ -144,7 +148,7 @@ class SpecAttnRuntime:
         Parameters
         ----------
         prompt_ids : sequence of int or torch.Tensor
-            ``[n]`` or ``[1, n]`` token ids, ``n >= 1``.
+            ``[n]`` or ``[1, n]`` token ids, ``n >= 1``, each in ``[0, vocab_size)`` (checked; one prompt only).
         k : int
             Drafted tokens per verification; ``0`` decodes the target alone (autoregressive, no draft).
         temperature, top_p : float
@@ -161,19 +165,16 @@ class SpecAttnRuntime:
         size (``stats.time_capture``; later calls reuse them) and reuses the cached prompt prefix of the previous
         call (only the new suffix is prefilled).
         """
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()
+        vocab = min(m.get_input_embeddings().num_embeddings for m in ((self.target, self.draft) if k else
+                                                                        (self.target,)))
+        validate.generation(max_new_tokens, k, temperature, top_p, seed, eos_token_id, vocab)
+        ids = validate.prompt_ids(prompt_ids, vocab)
         n = len(ids)
-        if n == 0:
-            raise ValueError("prompt_ids is empty; give at least one token")
-        if k < 0 or max_new_tokens < 1:
-            raise ValueError(f"k must be >= 0 and max_new_tokens >= 1, got k={k}, max_new_tokens={max_new_tokens}")
         limit = min(self.target.config.max_position_embeddings,
                     self.draft.config.max_position_embeddings if k else self.target.config.max_position_embeddings)
         if n + max_new_tokens + k + 1 > limit:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} + k={k} exceeds the models' "
                              f"context of {limit} tokens; shorten the prompt or generate fewer tokens")
-        if temperature > 0 and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         seed = rng.new_seed() if seed is None else int(seed) % 2**62
