@@ -38,7 +38,7 @@ def check_params(preset: str | None = "quick", draft: str | None = None, target:
     ``python -m pipelines.calibrate`` calls it before it starts the flow (a typo costs no server start-up)."""
     check_pair(preset, draft, target)
     if corpus is not None and not Path(corpus).expanduser().exists():
-        raise ValueError(f"corpus {corpus} does not exist (a .txt file or a directory of them)")
+        raise FileNotFoundError(f"corpus {corpus} does not exist (a .txt file or a directory of them)")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if not 0.0 < recall_budget <= 1.0:

@@ -141,12 +141,12 @@ def check_params(artifact: str = "artifacts/quick/latest.safetensors", preset: s
         raise ValueError(f"prefill_fraction must lie in [0, 1), got {prefill_fraction}")
     if num_texts < 1:
         raise ValueError(f"num_texts must be >= 1, got {num_texts}")
-    for name, values in (("global_p", global_p), ("curve_budgets", curve_budgets)):
+    for name, values in (("global p", global_p), ("curve budget", curve_budgets)):
         bad = [v for v in values if not 0.0 < v <= 1.0]
         if bad:
             raise ValueError(f"{name} values must lie in (0, 1], got {bad}")
     if text is not None and not Path(text).expanduser().exists():
-        raise ValueError(f"text {text} does not exist (a .txt book or a directory of them)")
+        raise FileNotFoundError(f"text {text} does not exist (a .txt book or a directory of them)")
     check_pair(preset, draft, target)
     art = load_artifact(Path(artifact).expanduser())
     if text_tokens < 2 * art.chunk_size or math.ceil(prefill_fraction * text_tokens) >= text_tokens - 1:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from specattn_runtime import ArtifactError, SpecAttnRuntime, load_artifact, save_artifact, validate
+from specattn_runtime import ArtifactError, SpecAttnRuntime, load_artifact, save_artifact
 
 from artifact_factory import make_artifact
 from test_runtime_devices import tiny_llama
