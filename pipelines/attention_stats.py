@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from specattn_runtime import capture
 from specattn_runtime.models import load_causal_lm
 from specattn_runtime.pooling import num_chunks
+from specattn_runtime.variants import check_supported
 
 
 def query_positions(window: int, n_queries: int, prefill_fraction: float = 0.1) -> torch.Tensor:
@@ -51,6 +52,7 @@ def collect_pooled_attention(model_dir: str | Path, windows: torch.Tensor, posit
     """
     name = capture.register()
     model = load_causal_lm(model_dir, role=role, attn_implementation=name)
+    check_supported(model.config, variants=True)  # refuses by name what the recording would get wrong
     n_layers = model.config.num_hidden_layers
     out = torch.zeros(n_layers, windows.shape[0], positions.numel(), num_chunks(windows.shape[1], chunk_size))
     for w in tqdm(range(windows.shape[0]), desc=f"attention ({role})", disable=not progress, unit="window"):

@@ -34,6 +34,7 @@ from specattn_runtime import capture
 from specattn_runtime.artifact import Artifact, load_artifact
 from specattn_runtime.models import check_model_dir, load_causal_lm, load_tokenizer, num_layers
 from specattn_runtime.runtime import check_against_models
+from specattn_runtime.variants import check_supported
 
 from . import quality_report, sparse_eval
 from .eval_text import book_windows, load_books
@@ -101,6 +102,8 @@ def run_methods(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_ma
     prefill = math.ceil(prefill_fraction * windows.shape[1])
     target = load_causal_lm(target_dir, role="target", attn_implementation=sparse_eval.register())
     draft = load_causal_lm(draft_dir, role="draft", attn_implementation=capture.register())
+    for m in (target, draft):
+        check_supported(m.config, variants=True)
     results = []
     with tqdm(total=windows.shape[0] * len(methods), desc="evaluate", unit="pass", disable=not progress) as bar:
         for w in windows:

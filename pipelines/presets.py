@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,17 @@ def check_pair(preset: str | None, draft: str | None, target: str | None) -> Non
         raise ValueError(f"unknown preset {preset!r}; presets are {sorted(PAIRS)}, or pass draft= and target=")
 
 
+def custom_pair_name(draft: str, target: str) -> str:
+    """``<draft dir name>__<target dir name>``, reduced to a safe folder name (never a preset's name)."""
+    name = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", Path(p).expanduser().resolve().name).strip(".-") or "model"
+                     for p in (draft, target))
+    return name if name not in PAIRS else f"custom-{name}"
+
+
 def resolve_pair(preset: str | None, draft: str | None, target: str | None) -> tuple[str, str, str]:
     """``(draft_dir, target_dir, pair_name)`` from two local model directories or a preset (fetched if needed)."""
-    if draft and target:
-        return draft, target, preset or f"{Path(draft).name}__{Path(target).name}"
+    if draft and target:  # a custom pair: its artifacts go under a folder named after the two models
+        return draft, target, custom_pair_name(draft, target)
     check_pair(preset, draft, target)
     d, t = PAIRS[preset].ensure()
     return str(d), str(t), preset

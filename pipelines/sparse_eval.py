@@ -13,7 +13,9 @@ Methods select chunks per (layer, query):
 - ``streaming`` / ``quest``: :mod:`pipelines.baselines`, with the chunk count of a reference SpecAttn method.
 
 The target is loaded with ``attn_implementation="specattn_eval"`` (registered here); a forward call passes a
-:class:`PassMasks` as ``specattn_eval=``. Batch 1, unpadded texts.
+:class:`PassMasks` as ``specattn_eval=``. Batch 1, unpadded texts. Each layer follows its variant (sliding window,
+soft-capping, sinks, scaling): the dense pass equals transformers' own attention, and a sparse selection is
+intersected with the window (keys outside it are never read).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from specattn_runtime.capture import AttentionRecorder, register_attention, softmax_attention
 from specattn_runtime.selection import select_chunks
+from specattn_runtime.variants import variant_of, visible
 
 from .baselines import quest_mask, streaming_mask
 
@@ -57,7 +60,8 @@ class PassMasks:
 
     ``chunks``: layer -> bool ``[T, C]`` chunk selection; ``quest_budget``: layer -> int64 ``[T]`` (Quest picks
     chunks inside attention, from the layer's own queries and keys). Layers in neither are dense. ``read``
-    collects, per sparse layer, the keys each query read (float ``[T]``, averaged over heads).
+    collects, per layer, the keys each query read (float ``[T]``, averaged over heads; in the dense pass: the keys
+    visible, which a sliding window limits).
     """
 
     chunk_size: int
@@ -76,23 +80,29 @@ def token_mask(chunks: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 def _eval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     specattn_eval: PassMasks | None = None, **kwargs):
-    # query [1, H, T, D]; key/value [1, Hkv, T, D]; attention_mask ignored: batch 1, no padding, causal.
+    # query [1, H, T, D]; key/value [1, Hkv, T, D]; attention_mask ignored: batch 1, no padding, causal. The mask
+    # is rebuilt from the layer's variant (window), so the dense pass is transformers' own attention.
     st, layer = specattn_eval, module.layer_idx
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if st is not None and st.recorder is not None and st.recorder.wants(layer):
-        out, probs = softmax_attention(query, key, value, None, scale)
-        st.recorder.record(layer, probs)  # the dense pass keeps the target's own rows: the oracle's input
-        return out, None
-    allowed = None
+    variant = variant_of(kwargs)
+    t = query.shape[2]
+    allowed = visible(t, t, variant.window, query.device)[None]  # [1, T, T]: what dense attention reads
     if st is not None and layer in st.chunks:
-        allowed = token_mask(st.chunks[layer], st.chunk_size)[None]  # [1, T, T]
+        allowed = allowed & token_mask(st.chunks[layer], st.chunk_size)[None]
     elif st is not None and layer in st.quest_budget:
         chunks = quest_mask(query[0], key[0], st.quest_budget[layer], st.chunk_size)  # [H, T, C]
-        allowed = token_mask(chunks, st.chunk_size)  # [H, T, T]
-    if allowed is None:
+        allowed = allowed & token_mask(chunks, st.chunk_size)  # [H, T, T]
+    if st is not None:
+        st.read[layer] = allowed.sum(-1).float().mean(0)  # [T] keys read per query, averaged over heads
+    if st is not None and st.recorder is not None and st.recorder.wants(layer):
+        out, probs = softmax_attention(query, key, value, allowed[None], scale, variant)
+        st.recorder.record(layer, probs)  # the dense pass keeps the target's own rows: the oracle's input
+        return out, None
+    if variant.softcap is not None or variant.sinks is not None:  # SDPA has neither
+        return softmax_attention(query, key, value, allowed[None], scale, variant)[0], None
+    if allowed.shape[0] == 1 and variant.window is None and (st is None or layer not in st.chunks):
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        st.read[layer] = allowed.sum(-1).float().mean(0)  # [T]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[None], scale=scale,
                                              enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
@@ -146,7 +156,6 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
     n_layers = len(layer_map)
     sparse = [j for j, i in enumerate(layer_map) if i >= 0]
     positions = torch.arange(t)
-    avail = (positions[prefill:-1] + 1).double()  # keys visible to each scored query
 
     draft_rec = AttentionRecorder(positions, chunk_size, layers={layer_map[j] for j in sparse})
     draft(ids[None], specattn_recorder=draft_rec, use_cache=False, logits_to_keep=1)
@@ -155,6 +164,11 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
     dense_pass = PassMasks(chunk_size, recorder=target_rec)
     # logits only where they are scored: queries prefill .. T-1 (the last one is dropped by _nll)
     dense_logits = target(ids[None], specattn_eval=dense_pass, use_cache=False, logits_to_keep=t - prefill).logits[0]
+    if len(dense_pass.read) != n_layers:
+        raise RuntimeError(f"the target's attention ran through specattn_eval in {len(dense_pass.read)} of "
+                           f"{n_layers} layers: was it loaded with attn_implementation={ATTN_NAME!r}?")
+    # keys visible to each scored query, per layer (a sliding-window layer sees at most its window)
+    avail = torch.stack([dense_pass.read[j][prefill:-1].double() for j in range(n_layers)])
 
     out: dict[str, WindowResult] = {}
     counts: dict[str, dict[int, torch.Tensor]] = {}  # specattn method -> layer -> chunks per query [T]
@@ -177,7 +191,7 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
             raise ValueError(f"unknown method kind {m.kind!r}; kinds are {KINDS}")
         logits = dense_logits if m.kind == "dense" else target(ids[None], specattn_eval=masks, use_cache=False,
                                                                  logits_to_keep=t - prefill).logits[0]
-        read = avail.repeat(n_layers, 1)
+        read = avail.clone()
         chunks = ((positions[prefill:-1] // chunk_size) + 1).double().repeat(n_layers, 1)
         for j in sparse:
             if j in masks.read:
@@ -186,8 +200,7 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
                 chunks[j] = masks.chunks[j][prefill:-1].sum(-1).double()
             elif j in masks.quest_budget:
                 chunks[j] = masks.quest_budget[j][prefill:-1].double()
-        out[m.name] = WindowResult(_nll(logits, ids, prefill), read.sum(-1), avail.sum().repeat(n_layers),
-                                   chunks.sum(-1))
+        out[m.name] = WindowResult(_nll(logits, ids, prefill), read.sum(-1), avail.sum(-1), chunks.sum(-1))
         if on_method is not None:
             on_method(m.name)
     return out

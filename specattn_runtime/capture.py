@@ -4,7 +4,8 @@ No modeling code is copied: we register one attention function under the name ``
 models with ``attn_implementation="specattn_record"``. It computes ordinary softmax attention (the same math as
 transformers' eager path) and, when the forward call passes a :class:`AttentionRecorder` as the keyword argument
 ``specattn_recorder``, stores for each layer the head-averaged attention of the chosen query rows pooled to chunks.
-Only those pooled rows are kept (``[batch, queries, n_chunks]`` per layer), never ``[layers, heads, T, T]``.
+It follows each layer's variant (sliding window, soft-capping, sinks, scaling: :mod:`specattn_runtime.variants`),
+so with nothing skipped the model's logits are transformers' own. Only those pooled rows are kept (``[batch, queries, n_chunks]`` per layer), never ``[layers, heads, T, T]``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .pooling import pool_to_chunks
+from .variants import PLAIN, Variant, softcapped, softmax_with_sinks, variant_of, visible
 
 ATTN_NAME = "specattn_record"
 _registered: set[str] = set()
@@ -55,27 +57,27 @@ class AttentionRecorder:
         return torch.stack([self.rows[i] for i in range(n_layers)])
 
 
-def softmax_attention(query, key, value, attention_mask, scale):
-    """Plain softmax attention that also returns the probabilities (transformers' eager math).
+def softmax_attention(query, key, value, attention_mask, scale, variant: Variant = PLAIN):
+    """Plain softmax attention that also returns the probabilities (transformers' eager math, every variant).
 
-    query ``[B, H, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; attention_mask ``[B, 1, Tq, Tk]``, additive (float,
+    query ``[B, H, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; attention_mask ``[B, 1 or H, Tq, Tk]``, additive (float,
     transformers' eager masks) or boolean (True = attend: its SDPA masks), or None (then causal with the queries at
-    the last ``Tq`` positions). Returns ``([B, Tq, H, D], [B, H, Tq, Tk])``.
+    the last ``Tq`` positions, within ``variant.window``). A mask from transformers already holds the layer's
+    window. ``variant`` adds logit soft-capping and attention sinks. Returns ``([B, Tq, H, D], [B, H, Tq, Tk])``.
     """
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     # GQA without repeating K/V: the query heads of one KV group are consecutive (head i reads KV head i // rep),
     # so fold them into the query axis. Repeating would copy the whole cache of every recorded layer per step.
     qg = query.reshape(b, hkv, (h // hkv) * tq, d)
-    logits = torch.matmul(qg, key.transpose(2, 3)).view(b, h, tq, tk) * scale
+    logits = softcapped(torch.matmul(qg, key.transpose(2, 3)).view(b, h, tq, tk) * scale, variant.softcap)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         logits = logits.masked_fill(~attention_mask[..., :tk], float("-inf"))
     elif attention_mask is not None:
         logits = logits + attention_mask[..., :tk]
-    elif tq > 1:
-        causal = torch.arange(tk, device=query.device)[None, :] <= torch.arange(tk - tq, tk, device=query.device)[:, None]
-        logits = logits.masked_fill(~causal, float("-inf"))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    elif tq > 1 or variant.window is not None:
+        logits = logits.masked_fill(~visible(tq, tk, variant.window, query.device), float("-inf"))
+    probs = softmax_with_sinks(logits, variant.sinks).to(query.dtype)
     out = torch.matmul(probs.view(b, hkv, (h // hkv) * tq, tk), value).view(b, h, tq, value.shape[-1])
     return out.transpose(1, 2).contiguous(), probs
 
@@ -83,7 +85,7 @@ def softmax_attention(query, key, value, attention_mask, scale):
 def _record_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       specattn_recorder: AttentionRecorder | None = None, **kwargs):
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out, probs = softmax_attention(query, key, value, attention_mask, scale)
+    out, probs = softmax_attention(query, key, value, attention_mask, scale, variant_of(kwargs))
     rec = specattn_recorder
     layer_idx = getattr(module, "layer_idx", None)
     if rec is not None and layer_idx is not None and rec.wants(layer_idx):

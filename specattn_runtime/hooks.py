@@ -22,6 +22,7 @@ import torch
 from .capture import register_attention, softmax_attention
 from .pooling import pool_to_chunks
 from .sparse import sparse_attention
+from .variants import variant_of
 
 ATTN_NAME = "specattn"
 
@@ -41,9 +42,9 @@ def _specattn_attention(module, query, key, value, attention_mask, scaling=None,
                         specattn_state: StepState | None = None, specattn_engine: bool = False, **kwargs):
     st, layer = specattn_state, getattr(module, "layer_idx", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if kwargs.get("s_aux") is not None or kwargs.get("sliding_window") is not None:
-        raise ValueError(f"{type(module).__name__} passes attention sinks or a sliding window to its attention, "
-                         "which SpecAttn's attention does not implement yet")
+    if not variant_of(kwargs).plain:  # models are checked when a runtime is built; this catches the rest
+        raise ValueError(f"{type(module).__name__} passes a sliding window, soft-capping or attention sinks to its "
+                         "attention, which SpecAttn's runtime attention does not implement yet")
     if specattn_engine:
         from .engine.forward import engine_attention
 

@@ -27,10 +27,11 @@ import torch
 
 from . import hooks, rng, validate
 from .artifact import Artifact, load_artifact
-from .engine import DecodeEngine, KVStore, SparsePlan, check_supported, make_forward
+from .engine import DecodeEngine, KVStore, SparsePlan, make_forward
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
+from .variants import check_supported
 
 CAPACITY_STEP = 2048  # caches (and the graphs captured over them) come in multiples of this many positions
 
@@ -91,7 +92,7 @@ class SpecAttnRuntime:
             backend = "triton" if on_cuda else "torch"
         self.backend, self.selection = backend, selection
         for m in (draft, target):
-            check_supported(m.config, triton=backend == "triton")
+            check_supported(m.config, variants=False, triton=backend == "triton")
         self.chunk_size = artifact.chunk_size
         self.layer_map = artifact.layer_map.tolist()
         self.top_p = artifact.top_p.tolist()

@@ -56,6 +56,14 @@ def test_rerun_is_served_from_cache(prefect_harness, tmp_path):
     assert {"load_corpus", "collect_attention"} <= cached
 
 
+def test_custom_pair_is_written_under_its_models_names(prefect_harness, quick_pair, tmp_path):
+    draft, target = quick_pair
+    path = Path(calibrate(draft=draft, target=target, output_dir=str(tmp_path), **TINY))
+    assert path.parent == tmp_path / f"{Path(draft).name}__{Path(target).name}"
+    assert not (tmp_path / "quick").exists()
+    assert load_artifact(path).n_target_layers == 30
+
+
 def test_skip_if_unchanged_reuses_latest(prefect_harness, tmp_path):
     first = calibrate(preset="quick", output_dir=str(tmp_path), **TINY)
     again = calibrate(preset="quick", output_dir=str(tmp_path), skip_if_unchanged=True, **TINY)

@@ -106,35 +106,3 @@ def make_forward(model, compile: bool = False):
     # this compile's own: other torch.compile calls in the process keep their settings. It costs compile time.
     options = {"coordinate_descent_tuning": True} if next(model.parameters()).is_cuda else None
     return torch.compile(forward, fullgraph=True, dynamic=False, options=options)
-
-
-# config attributes whose features the engine's attention does not implement (transformers' name -> what it is)
-_UNSUPPORTED = {
-    "attn_logit_softcapping": "attention logit soft-capping",
-    "sliding_window_pattern": "interleaved sliding-window layers",
-}
-
-
-def check_supported(config, *, triton: bool = False) -> None:
-    """Raise ``ValueError`` naming the model type and the feature if our attention would differ from the model's.
-
-    Checked: sliding windows (``sliding_window`` set and in use), logit soft-capping, per-layer attention types
-    other than full attention, and (``triton``) head dims the kernels cannot take.
-    """
-    cfg = getattr(config, "text_config", None) or config
-    name = getattr(cfg, "model_type", type(cfg).__name__)
-    for attr, what in _UNSUPPORTED.items():
-        if getattr(cfg, attr, None):
-            raise ValueError(f"model type {name!r} uses {what} ({attr}={getattr(cfg, attr)!r}), which SpecAttn's "
-                             "attention does not implement yet; its output would differ from the model's")
-    window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True):
-        raise ValueError(f"model type {name!r} uses sliding-window attention (sliding_window={window}), which "
-                         "SpecAttn's attention does not implement yet; its output would differ from the model's")
-    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if kinds - {"full_attention"}:
-        raise ValueError(f"model type {name!r} has layer types {sorted(kinds)}; SpecAttn supports full attention "
-                         "only for now")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if triton and (head_dim & (head_dim - 1) or not 16 <= head_dim <= 256):
-        raise ValueError(f"model type {name!r} has head_dim {head_dim}; the kernels take powers of two in [16, 256]")

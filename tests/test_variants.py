@@ -1,0 +1,170 @@
+"""Attention variants: with nothing skipped, the recording (calibration) and evaluation functions give
+transformers' own logits on every architecture they accept, and what a path does not implement is refused by name.
+
+Models are small random-weight instances of real transformers architectures, compared with the same weights under
+transformers' ``eager`` attention (its reference math for every variant): sliding windows (Mistral: every layer;
+Qwen2, Gemma2, Gemma3, GPT-OSS: interleaved), logit soft-capping and ``query_pre_attn_scalar`` scaling (Gemma2),
+head_dim 256 (Gemma2), one KV head (Mistral, Gemma3), attention sinks (GPT-OSS). Texts are longer than the windows.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import transformers
+
+from artifact_factory import make_artifact
+from pipelines import sparse_eval
+from specattn_runtime import SpecAttnRuntime, capture
+from specattn_runtime.pooling import pool_to_chunks
+from specattn_runtime.variants import check_supported
+
+T, CHUNK = 70, 16
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+ARCHS = {  # name -> (model class, config class, config arguments)
+    "mistral-window-1kv": ("MistralForCausalLM", "MistralConfig", dict(num_key_value_heads=1, sliding_window=24)),
+    "gemma2-softcap-d256": ("Gemma2ForCausalLM", "Gemma2Config",
+                            dict(num_key_value_heads=2, head_dim=256, sliding_window=16, attn_logit_softcapping=5.0,
+                                 final_logit_softcapping=30.0, query_pre_attn_scalar=20)),
+    "qwen2-window-layers": ("Qwen2ForCausalLM", "Qwen2Config",
+                            dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=20, max_window_layers=1)),
+    "gpt_oss-sinks": ("GptOssForCausalLM", "GptOssConfig",
+                      dict(COMMON, intermediate_size=32, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                           num_local_experts=2, num_experts_per_tok=1)),
+    "gemma3-1kv": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+                   dict(num_key_value_heads=1, head_dim=32, sliding_window=16, query_pre_attn_scalar=24)),
+    "llama-d256-1kv": ("LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=1, head_dim=256)),
+}
+_CACHE: dict = {}
+
+
+def eager_model(arch: str):
+    """The architecture with random weights under transformers' eager attention (sinks made non-zero)."""
+    if arch not in _CACHE:
+        model_cls, cfg_cls, kw = ARCHS[arch]
+        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw})
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(cfg).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if hasattr(layer.self_attn, "sinks"):
+                    layer.self_attn.sinks.normal_()
+        _CACHE[arch] = model
+    return _CACHE[arch]
+
+
+def with_attention(model, name: str):
+    m = copy.deepcopy(model)
+    m.set_attn_implementation(name)
+    return m
+
+
+def windows_of(model) -> list[int | None]:
+    """Per layer: its sliding window, or None (read from the model as transformers built it)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] \
+        * cfg.num_hidden_layers
+    return [window if k == "sliding_attention" else None for k in kinds]
+
+
+def ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@torch.no_grad()
+def test_recording_equals_transformers(arch):
+    ref_model = eager_model(arch)
+    x = ids()
+    ref = ref_model(x, output_attentions=True)
+    rec = capture.AttentionRecorder(torch.arange(T), CHUNK)
+    out = with_attention(ref_model, capture.register())(x, specattn_recorder=rec)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    for layer, probs in enumerate(ref.attentions):  # [1, H, T, T]: the pooled, head-averaged rows are recorded
+        torch.testing.assert_close(rec.rows[layer], pool_to_chunks(probs.float().mean(1), CHUNK), rtol=1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@torch.no_grad()
+def test_evaluation_dense_pass_equals_transformers_and_reads_only_the_window(arch):
+    ref_model = eager_model(arch)
+    x = ids(1)
+    ref = ref_model(x).logits
+    target = with_attention(ref_model, sparse_eval.register())
+    dense = sparse_eval.PassMasks(CHUNK)
+    torch.testing.assert_close(target(x, specattn_eval=dense, use_cache=False).logits, ref, rtol=1e-5, atol=1e-5)
+    # every chunk selected on every layer: still nothing outside a layer's window is read, and the logits stay
+    all_chunks = sparse_eval.PassMasks(CHUNK, chunks={j: torch.ones(T, math.ceil(T / CHUNK), dtype=torch.bool)
+                                                      for j in range(3)})
+    torch.testing.assert_close(target(x, specattn_eval=all_chunks, use_cache=False).logits, ref, rtol=1e-5,
+                               atol=1e-5)
+    t = torch.arange(T, dtype=torch.float32)
+    for j, window in enumerate(windows_of(ref_model)):
+        expect = t + 1 if window is None else torch.clamp(t + 1, max=window)
+        assert torch.equal(dense.read[j], expect) and torch.equal(all_chunks.read[j], expect), f"layer {j}"
+
+
+@pytest.mark.parametrize("arch", ["gemma2-softcap-d256", "gpt_oss-sinks", "mistral-window-1kv"])
+@torch.no_grad()
+def test_evaluate_window_with_every_chunk_equals_dense(arch):
+    """The evaluation protocol end to end: p = 1 gives the dense NLL (transformers' own), p < 1 reads less."""
+    ref_model = eager_model(arch)
+    x = ids(2)[0]
+    target = with_attention(ref_model, sparse_eval.register())
+    draft = with_attention(ref_model, capture.register())
+    layer_map, prefill = [-1, 0, 1], 20
+    methods = [sparse_eval.Method("dense", "dense"), sparse_eval.Method("p1", "specattn", (1.0, 1.0, 1.0)),
+               sparse_eval.Method("p05", "specattn", (1.0, 0.5, 0.5)),
+               sparse_eval.Method("quest", "quest", match="p05"),
+               sparse_eval.Method("oracle", "oracle", (1.0, 0.5, 0.5))]
+    res = sparse_eval.evaluate_window(target, draft, x, layer_map, methods, CHUNK, prefill)
+    lp = torch.log_softmax(ref_model(x[None]).logits[0, prefill:-1].double(), -1)
+    ref_nll = -lp.gather(-1, x[prefill + 1 :, None]).squeeze(-1)
+    torch.testing.assert_close(res["dense"].nll, ref_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res["p1"].nll, ref_nll, rtol=1e-5, atol=1e-5)
+    windows = windows_of(ref_model)
+    for name in ("p1", "p05", "quest", "oracle"):
+        r = res[name]
+        assert torch.all(r.read <= r.avail + 1e-9) and torch.all(torch.isfinite(r.nll)), name
+        for j, window in enumerate(windows):  # a sliding layer's visible keys are its window, not the prefix
+            visible = sum(min(q + 1, window or T) for q in range(prefill, T - 1))
+            assert r.avail[j].item() == visible, (name, j)
+    assert res["p1"].read.sum() == res["dense"].read.sum() > res["p05"].read.sum()
+
+
+@pytest.mark.parametrize("arch, overrides, feature", [
+    ("mistral-window-1kv", {}, "sliding-window attention"),
+    ("gemma2-softcap-d256", {"layer_types": ["full_attention"] * 3}, "attention logit soft-capping"),
+    ("gpt_oss-sinks", {"layer_types": ["full_attention"] * 3}, "attention sinks"),
+    ("qwen2-window-layers", {}, "sliding-window attention"),
+])
+def test_runtime_refuses_what_it_does_not_implement_by_name(arch, overrides, feature):
+    model_cls, cfg_cls, kw = ARCHS[arch]
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw, **overrides})
+    model = getattr(transformers, model_cls)(cfg)
+    model_type = cfg.model_type
+    with pytest.raises(ValueError, match=f"model type '{model_type}' uses {feature}"):
+        SpecAttnRuntime(make_artifact(n_t=3, n_d=3, dense=1), model, model)
+    check_supported(cfg, variants=True)  # calibration and evaluation take it
+
+
+@pytest.mark.parametrize("config, feature", [
+    (lambda: transformers.Qwen3NextConfig(num_hidden_layers=4), "layer types \\['linear_attention'\\]"),
+    (lambda: transformers.Llama4TextConfig(num_hidden_layers=4), "layer types \\['chunked_attention'\\]"),
+])
+def test_layer_types_nobody_implements_are_refused_everywhere(config, feature):
+    cfg = config()
+    for variants in (True, False):
+        with pytest.raises(ValueError, match=f"model type '{cfg.model_type}' has {feature}"):
+            check_supported(cfg, variants=variants)
+
+
+def test_plain_models_pass_every_check():
+    for arch in ("llama-d256-1kv",):
+        check_supported(eager_model(arch).config, variants=False, triton=True)
+    qwen_full = transformers.Qwen2Config(**COMMON, use_sliding_window=False, sliding_window=4096)
+    check_supported(qwen_full, variants=False)  # a window in the config that no layer uses
