@@ -21,6 +21,7 @@ flow), the default elsewhere and the reference the engine is tested against. ``k
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from .engine import DecodeEngine, KVStore, SparsePlan, make_forward
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
-from .variants import check_supported
+from .variants import check_supported, model_features
 
 CAPACITY_STEP = 2048  # caches (and the graphs captured over them) come in multiples of this many positions
 
@@ -84,6 +85,15 @@ class SpecAttnRuntime:
         if artifact.metadata.get("mode", "draft") != "draft":
             raise ValueError(f"artifact mode {artifact.metadata['mode']!r} is not supported by this runtime yet: "
                              "it drives draft-guided verification (mode 'draft') only")
+        # Sliding windows, soft-capping and sinks are implemented by the eager loop's torch attention only: "auto"
+        # takes that path for such models (exact, slower) and says so; an explicit engine or backend is refused.
+        variant_models = {f for m in (draft, target) for f in model_features(m.config)}
+        if variant_models and engine == "auto" and backend in ("auto", "torch"):
+            if on_cuda:
+                warnings.warn(f"the models use {', '.join(sorted(variant_models))}: running the eager loop with the "
+                              "torch attention backend (the decode engine and the GPU kernels do not implement them "
+                              "yet)", stacklevel=2)
+            engine, backend = "eager", "torch"
         self.engine = ("static" if on_cuda else "eager") if engine == "auto" else engine
         self.compile = on_cuda if compile is None else bool(compile)
         if selection == "auto":  # the Triton kernel where it compiles, the same search in torch elsewhere
@@ -92,7 +102,9 @@ class SpecAttnRuntime:
             backend = "triton" if on_cuda else "torch"
         self.backend, self.selection = backend, selection
         for m in (draft, target):
-            check_supported(m.config, variants=False, triton=backend == "triton")
+            # windows, soft-capping and sinks: implemented by the eager loop's torch attention only
+            check_supported(m.config, variants=self.engine == "eager" and backend == "torch",
+                            triton=backend == "triton")
         self.chunk_size = artifact.chunk_size
         self.layer_map = artifact.layer_map.tolist()
         self.top_p = artifact.top_p.tolist()

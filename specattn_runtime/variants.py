@@ -11,9 +11,11 @@ Which paths implement which variants:
 
 - the recording function (calibration, :mod:`specattn_runtime.capture`) and the evaluation function
   (:mod:`pipelines.sparse_eval`): all of the above (torch, exact);
-- the runtime (draft recording, sparse verification, the decode engine's kernels): plain causal attention with
-  any scaling, GQA down to one KV head; sliding windows, soft-capping and sinks are refused by
-  :func:`check_supported` before a model runs.
+- the runtime's eager loop with the torch backend (draft recording, sparse verification, plain forwards): all of
+  the above; a sparse layer never reads outside its window, whatever the selection;
+- the decode engine and the GPU kernels (Triton, FlashInfer): plain causal attention with any scaling, GQA down
+  to one KV head; sliding windows, soft-capping and sinks are refused by :func:`check_supported` before a model
+  runs (``engine="auto"`` takes the eager torch path for such models instead).
 
 Layer types other than full and sliding attention (chunked, linear, convolutional, state-space layers) are refused
 everywhere, with the model type and the feature in the message.
@@ -110,9 +112,10 @@ def check_supported(config, *, variants: bool, triton: bool = False) -> None:
                          f"{cfg.attention_chunk_size}), which SpecAttn's attention does not implement")
     if not variants:
         for feature, value in model_features(cfg).items():
-            raise ValueError(f"model type {name!r} uses {feature} ({value}), which SpecAttn's runtime attention does "
-                             "not implement yet (calibration and evaluation do); its output would differ from the "
-                             "model's")
+            raise ValueError(f"model type {name!r} uses {feature} ({value}), which the decode engine and the GPU "
+                             "kernels do not implement yet; its output would differ from the model's. The eager loop "
+                             "with the torch backend (engine='eager', backend='torch'; what engine='auto' picks for "
+                             "such models), calibration and evaluation implement it")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if triton and (head_dim & (head_dim - 1) or not 16 <= head_dim <= 256):
         raise ValueError(f"model type {name!r} has head_dim {head_dim}; the kernels take powers of two in [16, 256]")

@@ -130,7 +130,7 @@ def test_unsupported_attention_is_refused_by_name():
                         num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
     m = MistralForCausalLM(cfg)
     with pytest.raises(ValueError, match="'mistral' uses sliding-window attention"):
-        SpecAttnRuntime(make_artifact(n_t=2, n_d=2, dense=1), m, m)
+        SpecAttnRuntime(make_artifact(n_t=2, n_d=2, dense=1), m, m, engine="static")
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

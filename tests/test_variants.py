@@ -8,6 +8,7 @@ head_dim 256 (Gemma2), one KV head (Mistral, Gemma3), attention sinks (GPT-OSS).
 """
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -15,32 +16,36 @@ import torch
 import transformers
 
 from artifact_factory import make_artifact
+from test_engine import noisy_copy
 from pipelines import sparse_eval
-from specattn_runtime import SpecAttnRuntime, capture
+from specattn_runtime import SpecAttnRuntime, capture, hooks
 from specattn_runtime.pooling import pool_to_chunks
-from specattn_runtime.variants import check_supported
+from specattn_runtime.sparse import sparse_attention
+from specattn_runtime.variants import Variant, check_supported
 
 T, CHUNK = 70, 16
-COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              initializer_range=0.2)  # peaked logits and attention: varied greedy text, few near-ties
 ARCHS = {  # name -> (model class, config class, config arguments)
     "mistral-window-1kv": ("MistralForCausalLM", "MistralConfig", dict(num_key_value_heads=1, sliding_window=24)),
     "gemma2-softcap-d256": ("Gemma2ForCausalLM", "Gemma2Config",
                             dict(num_key_value_heads=2, head_dim=256, sliding_window=16, attn_logit_softcapping=5.0,
-                                 final_logit_softcapping=30.0, query_pre_attn_scalar=20)),
+                                 final_logit_softcapping=30.0, query_pre_attn_scalar=20, tie_word_embeddings=False)),
     "qwen2-window-layers": ("Qwen2ForCausalLM", "Qwen2Config",
                             dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=20, max_window_layers=1)),
     "gpt_oss-sinks": ("GptOssForCausalLM", "GptOssConfig",
                       dict(COMMON, intermediate_size=32, num_key_value_heads=2, head_dim=16, sliding_window=16,
                            num_local_experts=2, num_experts_per_tok=1)),
     "gemma3-1kv": ("Gemma3ForCausalLM", "Gemma3TextConfig",
-                   dict(num_key_value_heads=1, head_dim=32, sliding_window=16, query_pre_attn_scalar=24)),
+                   dict(num_key_value_heads=1, head_dim=32, sliding_window=16, query_pre_attn_scalar=24,
+                        tie_word_embeddings=False)),  # tied random models repeat their last token
     "llama-d256-1kv": ("LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=1, head_dim=256)),
 }
 _CACHE: dict = {}
 
 
 def eager_model(arch: str):
-    """The architecture with random weights under transformers' eager attention (sinks made non-zero)."""
+    """The architecture with random weights under transformers' eager attention (sinks and norms randomised)."""
     if arch not in _CACHE:
         model_cls, cfg_cls, kw = ARCHS[arch]
         cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw})
@@ -51,6 +56,9 @@ def eager_model(arch: str):
             for layer in model.model.layers:
                 if hasattr(layer.self_attn, "sinks"):
                     layer.self_attn.sinks.normal_()
+            for name, p in model.named_parameters():  # norm weights start equal (Gemma's at 0): vary them, or
+                if name.endswith("norm.weight"):  # random Gemmas repeat one token
+                    p.normal_(1.0 if p.mean() > 0.5 else 0.0, 0.5)
         _CACHE[arch] = model
     return _CACHE[arch]
 
@@ -82,9 +90,9 @@ def test_recording_equals_transformers(arch):
     ref = ref_model(x, output_attentions=True)
     rec = capture.AttentionRecorder(torch.arange(T), CHUNK)
     out = with_attention(ref_model, capture.register())(x, specattn_recorder=rec)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
     for layer, probs in enumerate(ref.attentions):  # [1, H, T, T]: the pooled, head-averaged rows are recorded
-        torch.testing.assert_close(rec.rows[layer], pool_to_chunks(probs.float().mean(1), CHUNK), rtol=1e-5,
+        torch.testing.assert_close(rec.rows[layer], pool_to_chunks(probs.float().mean(1), CHUNK), rtol=1e-4,
                                    atol=1e-6)
 
 
@@ -96,12 +104,12 @@ def test_evaluation_dense_pass_equals_transformers_and_reads_only_the_window(arc
     ref = ref_model(x).logits
     target = with_attention(ref_model, sparse_eval.register())
     dense = sparse_eval.PassMasks(CHUNK)
-    torch.testing.assert_close(target(x, specattn_eval=dense, use_cache=False).logits, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target(x, specattn_eval=dense, use_cache=False).logits, ref, rtol=1e-4, atol=1e-4)
     # every chunk selected on every layer: still nothing outside a layer's window is read, and the logits stay
     all_chunks = sparse_eval.PassMasks(CHUNK, chunks={j: torch.ones(T, math.ceil(T / CHUNK), dtype=torch.bool)
                                                       for j in range(3)})
-    torch.testing.assert_close(target(x, specattn_eval=all_chunks, use_cache=False).logits, ref, rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(target(x, specattn_eval=all_chunks, use_cache=False).logits, ref, rtol=1e-4,
+                               atol=1e-4)
     t = torch.arange(T, dtype=torch.float32)
     for j, window in enumerate(windows_of(ref_model)):
         expect = t + 1 if window is None else torch.clamp(t + 1, max=window)
@@ -124,8 +132,8 @@ def test_evaluate_window_with_every_chunk_equals_dense(arch):
     res = sparse_eval.evaluate_window(target, draft, x, layer_map, methods, CHUNK, prefill)
     lp = torch.log_softmax(ref_model(x[None]).logits[0, prefill:-1].double(), -1)
     ref_nll = -lp.gather(-1, x[prefill + 1 :, None]).squeeze(-1)
-    torch.testing.assert_close(res["dense"].nll, ref_nll, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(res["p1"].nll, ref_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res["dense"].nll, ref_nll, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(res["p1"].nll, ref_nll, rtol=1e-4, atol=1e-4)
     windows = windows_of(ref_model)
     for name in ("p1", "p05", "quest", "oracle"):
         r = res[name]
@@ -147,9 +155,56 @@ def test_runtime_refuses_what_it_does_not_implement_by_name(arch, overrides, fea
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw, **overrides})
     model = getattr(transformers, model_cls)(cfg)
     model_type = cfg.model_type
-    with pytest.raises(ValueError, match=f"model type '{model_type}' uses {feature}"):
-        SpecAttnRuntime(make_artifact(n_t=3, n_d=3, dense=1), model, model)
-    check_supported(cfg, variants=True)  # calibration and evaluation take it
+    art = make_artifact(n_t=3, n_d=3, dense=1)
+    for kw in (dict(engine="static"), dict(engine="eager", backend="triton")):
+        with pytest.raises(ValueError, match=f"model type '{model_type}' uses {feature}"):
+            SpecAttnRuntime(art, model, model, **kw)
+    check_supported(cfg, variants=True)  # calibration, evaluation and the eager torch loop take it
+    assert SpecAttnRuntime(art, model, model).engine == "eager"  # what "auto" picks for it
+
+
+def exact_artifact():
+    """Every target layer through selection and the sparse backend (p = 1), layer 0 dense."""
+    art = make_artifact(n_t=3, n_d=3, dense=1)
+    return dataclasses.replace(art, layer_map=torch.tensor([-1, 1, 2], dtype=torch.int32),
+                               top_p=torch.tensor([1.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@torch.no_grad()
+def test_runtime_with_every_chunk_equals_transformers_greedy(arch):
+    """The eager loop with the torch backend: draft recording, selection and sparse verification (p = 1, no
+    dense shortcut) give transformers' own greedy tokens, past the windows, with a draft that is sometimes wrong."""
+    ref_model = eager_model(arch)
+    prompt = ids(3)[0].tolist()
+    t = torch.tensor([prompt])
+    ref = ref_model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=12, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, T:].tolist()
+    target = with_attention(ref_model, hooks.register())
+    draft = noisy_copy(with_attention(ref_model, hooks.register()), 0.05, 1)  # rejections at varied positions
+    rt = SpecAttnRuntime(exact_artifact(), draft, target, exact_dense_shortcut=False)
+    assert (rt.engine, rt.backend) == ("eager", "torch")
+    out = rt.generate(prompt, 12, k=3, eos_token_id=None)
+    assert out.tokens == ref
+    assert out.stats.accepted_hist[-1] < out.stats.steps  # some drafts were rejected
+
+
+def test_sparse_reference_never_reads_outside_the_window(gen):
+    """Selecting chunks outside a layer's window changes nothing: those keys are never read."""
+    b, h, hkv, tq, tk, d, window = 1, 4, 2, 3, 90, 16, 20
+    q, k, v = (torch.randn(b, n, t, d, generator=gen) for n, t in ((h, tq), (hkv, tk), (hkv, tk)))
+    n_chunks = math.ceil(tk / CHUNK)
+    near = torch.zeros(b, n_chunks, dtype=torch.bool)
+    near[:, (tk - tq - window) // CHUNK :] = True  # every chunk the window touches
+    everything = torch.ones(b, n_chunks, dtype=torch.bool)
+    for variant in (Variant(window=window), Variant(window=window, softcap=3.0, sinks=torch.randn(h, generator=gen))):
+        a = sparse_attention(q, k, v, everything, chunk_size=CHUNK, variant=variant)
+        torch.testing.assert_close(a, sparse_attention(q, k, v, near, chunk_size=CHUNK, variant=variant))
+        ref = capture.softmax_attention(q, k, v, None, d ** -0.5, variant)[0].transpose(1, 2)
+        torch.testing.assert_close(a, ref)
+        assert torch.isfinite(a).all()
+    with pytest.raises(ValueError, match="need backend 'torch'"):
+        sparse_attention(q, k, v, everything, chunk_size=CHUNK, variant=Variant(window=window), backend="triton")
 
 
 @pytest.mark.parametrize("config, feature", [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..variants import PLAIN, Variant
 from .reference import (attention_with_lengths_reference, key_mask_from_chunks, sparse_attention_paged_reference,
                         sparse_attention_reference)
 
@@ -19,14 +20,20 @@ Selection = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection, *,
                      chunk_size: int, scale: float | None = None, backend: str = "torch",
-                     page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+                     page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
+                     variant: Variant = PLAIN) -> torch.Tensor:
     """See :func:`sparse_attention_reference` for shapes; ``backend`` picks the implementation.
 
     ``selection`` is a bool chunk mask ``[B, C]`` or the selection kernel's compacted ``(idx [B, C], count [B])``;
     each backend converts only when its own form differs (the Triton path from kernel indices converts nothing).
     With ``page_table`` / ``kv_lens``, ``k`` / ``v`` are page pools (see
-    :func:`sparse_attention_paged_reference`); the torch and Triton backends take them.
+    :func:`sparse_attention_paged_reference`); the torch and Triton backends take them. A ``variant`` other than
+    plain causal attention (sliding window, soft-capping, sinks) is implemented by the contiguous torch backend
+    only; the others refuse it.
     """
+    if not variant.plain and (backend != "torch" or page_table is not None):
+        raise ValueError(f"sliding windows, soft-capping and attention sinks need backend 'torch' over a contiguous "
+                         f"cache; got backend {backend!r}{' with a paged cache' if page_table is not None else ''}")
     if backend == "triton":
         from .triton_attn import mask_to_indices, sparse_attention_triton
 
@@ -43,7 +50,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
     if backend == "torch" and paged:
         return sparse_attention_paged_reference(q, k, v, page_table, kv_lens, chunk_mask, chunk_size, scale)
     if backend == "torch":
-        return sparse_attention_reference(q, k, v, chunk_mask, chunk_size, scale)
+        return sparse_attention_reference(q, k, v, chunk_mask, chunk_size, scale, variant)
     if paged:
         raise ValueError(f"backend {backend!r} takes a contiguous cache; use 'triton' or 'torch' for a paged one")
     if backend == "flashinfer":

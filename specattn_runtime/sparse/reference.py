@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..variants import PLAIN, Variant, visible
+
 
 def key_mask_from_chunks(chunk_mask: torch.Tensor, n_keys: int, chunk_size: int) -> torch.Tensor:
     """bool ``[B, C]`` chunk selection -> bool ``[B, n_keys]`` key selection."""
@@ -16,7 +18,7 @@ def key_mask_from_chunks(chunk_mask: torch.Tensor, n_keys: int, chunk_size: int)
 
 
 def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_mask: torch.Tensor,
-                               chunk_size: int, scale: float | None = None) -> torch.Tensor:
+                               chunk_size: int, scale: float | None = None, variant: Variant = PLAIN) -> torch.Tensor:
     """Causal attention of the newest ``Tq`` positions over the selected key chunks.
 
     Parameters
@@ -28,6 +30,9 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     chunk_mask : torch.Tensor
         bool ``[B, ceil(Tk / chunk_size)]``: chunks every query of the sequence may read (shared by all heads and
         queries, which is what lets a kernel load each selected block once).
+    variant : Variant
+        The layer's sliding window (keys outside it are never read, whatever is selected), logit soft-capping and
+        attention sinks (:mod:`specattn_runtime.variants`).
 
     Returns
     -------
@@ -37,11 +42,14 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     b, h, tq, _ = q.shape
     tk = k.shape[2]
     keys = key_mask_from_chunks(chunk_mask, tk, chunk_size)  # [B, Tk]
-    q_pos = torch.arange(tk - tq, tk, device=q.device)
-    causal = torch.arange(tk, device=q.device)[None, :] <= q_pos[:, None]  # [Tq, Tk]
     if not chunk_mask[:, (tk - tq) // chunk_size :].all():
         raise ValueError("the chunks holding the queries' own positions (the newest chunks) must be selected")
-    mask = keys[:, None, None, :] & causal[None, None]  # [B, 1, Tq, Tk]
+    mask = keys[:, None, None, :] & visible(tq, tk, variant.window, q.device)[None, None]  # [B, 1, Tq, Tk]
+    if variant.softcap is not None or variant.sinks is not None:  # SDPA has neither
+        from ..capture import softmax_attention
+
+        return softmax_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale,
+                                 variant)[0].transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != k.shape[1])
 
 
