@@ -46,13 +46,27 @@ def check_pair(preset: str | None, draft: str | None, target: str | None) -> Non
     if draft and target:
         from specattn_runtime.models import check_model_dir
 
-        check_model_dir(draft, "draft")
-        check_model_dir(target, "target")
+        for path, role in ((draft, "draft"), (target, "target")):
+            check_model_dir(path, role)
+            _check_attention(path)
         return
     if draft or target:
         raise ValueError("pass both draft and target model paths, or neither (and a preset)")
     if preset not in PAIRS:
         raise ValueError(f"unknown preset {preset!r}; presets are {sorted(PAIRS)}, or pass draft= and target=")
+
+
+def _check_attention(model_dir: str) -> None:
+    """Refuse, before any model loads, an architecture whose attention calibration would get wrong."""
+    from transformers import AutoConfig
+
+    from specattn_runtime.variants import check_supported
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError):  # an unknown architecture: loading it reports that, with its name
+        return
+    check_supported(config, variants=True)
 
 
 def custom_pair_name(draft: str, target: str) -> str:

@@ -16,6 +16,7 @@ from .cache import preallocated_cache
 from .rng import SLOT_FINAL, sample
 from .sampling import greedy_accept, probs_device, speculative_accept
 from .selection import select_chunks
+from .sparse import key_mask_from_chunks
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
 
 
@@ -44,6 +45,25 @@ def select(rt, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
         return {j: (idx[r : r + 1], count[r : r + 1]) for r, j in enumerate(rt.sparse_layers)}, count
     mask = select_chunks(s, p, method=rt.selection, keep_recent=recent)
     return {j: mask[r : r + 1] for r, j in enumerate(rt.sparse_layers)}, mask.sum(-1)
+
+
+def _read_fractions(rt, masks: dict, counts: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Per sparse layer, the share of the keys visible to the newest query that verification read (on device).
+
+    A sliding-window layer sees only its window, and reads no selected chunk outside it."""
+    c = rt.chunk_size
+    pad = -(-n_keys // c) * c - n_keys  # the newest chunk is always selected; its padding is not a read
+    read = (counts.double() * c - pad) / n_keys
+    for r, j in enumerate(rt.sparse_layers):
+        window = rt.windows[j]
+        if window is not None and window < n_keys:
+            sel = masks[j]
+            if isinstance(sel, tuple):
+                from .selection.triton_select import indices_to_mask
+
+                sel = indices_to_mask(*sel, n_chunks=-(-n_keys // c))
+            read[r] = key_mask_from_chunks(sel, n_keys, c)[0, n_keys - window :].double().sum() / window
+    return read
 
 
 def _sampling_args(temperature: float, top_p: float, device) -> tuple | None:
@@ -161,8 +181,7 @@ def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step,
     stats.accepted += n_acc
     stats.accepted_hist[n_acc] += 1
     if counts is not None:
-        pad = -(-n_keys // rt.chunk_size) * rt.chunk_size - n_keys  # the newest chunk is always read
-        kv_read += (counts.double() * rt.chunk_size - pad) / n_keys
+        kv_read += _read_fractions(rt, masks, counts, n_keys)
     stats.time_draft += t1 - t0
     stats.time_select += t2 - t1
     stats.time_verify += t3 - t2

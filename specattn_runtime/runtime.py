@@ -32,7 +32,7 @@ from .engine import DecodeEngine, KVStore, SparsePlan, make_forward
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
-from .variants import check_supported, model_features
+from .variants import check_supported, layer_windows, model_features
 
 CAPACITY_STEP = 2048  # caches (and the graphs captured over them) come in multiples of this many positions
 
@@ -106,6 +106,7 @@ class SpecAttnRuntime:
             check_supported(m.config, variants=self.engine == "eager" and backend == "torch",
                             triton=backend == "triton")
         self.chunk_size = artifact.chunk_size
+        self.windows = layer_windows(target.config)  # per target layer: its sliding window or None
         self.layer_map = artifact.layer_map.tolist()
         self.top_p = artifact.top_p.tolist()
         # Layers with p >= 1 read everything: keep them on the dense path (exact and cheaper). Turning the shortcut

@@ -96,6 +96,17 @@ def model_features(config) -> dict[str, object]:
     return found
 
 
+def layer_windows(config) -> list[int | None]:
+    """Per decoder layer: its sliding window, or None for full attention (transformers' own reading of the config)."""
+    cfg, _ = _config_name(config)
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is None:  # one attention type for the whole model (Mistral: a window on every layer when set)
+        on = bool(window) and getattr(cfg, "use_sliding_window", True)
+        return [window if on else None] * cfg.num_hidden_layers
+    return [window if k == "sliding_attention" else None for k in kinds]
+
+
 def check_supported(config, *, variants: bool, triton: bool = False) -> None:
     """Raise ``ValueError`` naming the model type and the feature if our attention would differ from the model's.
 

@@ -21,7 +21,7 @@ from pipelines import sparse_eval
 from specattn_runtime import SpecAttnRuntime, capture, hooks
 from specattn_runtime.pooling import pool_to_chunks
 from specattn_runtime.sparse import sparse_attention
-from specattn_runtime.variants import Variant, check_supported
+from specattn_runtime.variants import Variant, check_supported, layer_windows
 
 T, CHUNK = 70, 16
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -69,15 +69,6 @@ def with_attention(model, name: str):
     return m
 
 
-def windows_of(model) -> list[int | None]:
-    """Per layer: its sliding window, or None (read from the model as transformers built it)."""
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
-    kinds = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] \
-        * cfg.num_hidden_layers
-    return [window if k == "sliding_attention" else None for k in kinds]
-
-
 def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(seed))
 
@@ -111,7 +102,7 @@ def test_evaluation_dense_pass_equals_transformers_and_reads_only_the_window(arc
     torch.testing.assert_close(target(x, specattn_eval=all_chunks, use_cache=False).logits, ref, rtol=1e-4,
                                atol=1e-4)
     t = torch.arange(T, dtype=torch.float32)
-    for j, window in enumerate(windows_of(ref_model)):
+    for j, window in enumerate(layer_windows(ref_model.config)):
         expect = t + 1 if window is None else torch.clamp(t + 1, max=window)
         assert torch.equal(dense.read[j], expect) and torch.equal(all_chunks.read[j], expect), f"layer {j}"
 
@@ -134,7 +125,7 @@ def test_evaluate_window_with_every_chunk_equals_dense(arch):
     ref_nll = -lp.gather(-1, x[prefill + 1 :, None]).squeeze(-1)
     torch.testing.assert_close(res["dense"].nll, ref_nll, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(res["p1"].nll, ref_nll, rtol=1e-4, atol=1e-4)
-    windows = windows_of(ref_model)
+    windows = layer_windows(ref_model.config)
     for name in ("p1", "p05", "quest", "oracle"):
         r = res[name]
         assert torch.all(r.read <= r.avail + 1e-9) and torch.all(torch.isfinite(r.nll)), name
@@ -187,6 +178,23 @@ def test_runtime_with_every_chunk_equals_transformers_greedy(arch):
     out = rt.generate(prompt, 12, k=3, eos_token_id=None)
     assert out.tokens == ref
     assert out.stats.accepted_hist[-1] < out.stats.steps  # some drafts were rejected
+    assert out.stats.kv_read_fraction == pytest.approx([1.0] * 3)  # all of each layer's window, no more
+
+
+def test_runtime_reads_only_the_window_at_any_p():
+    ref_model = eager_model("mistral-window-1kv")  # window 24 on every layer, prompt of 70
+    art = dataclasses.replace(exact_artifact(), top_p=torch.tensor([1.0, 0.3, 0.3]))
+    rt = SpecAttnRuntime(art, with_attention(ref_model, hooks.register()), with_attention(ref_model, hooks.register()))
+    out = rt.generate(ids(4)[0].tolist(), 10, k=3, eos_token_id=None)
+    assert out.stats.kv_read_fraction[0] == 1.0 and all(0 < f <= 1.0 for f in out.stats.kv_read_fraction[1:])
+    # the accounting: the sink chunk (outside the window) is selected but not read; 46 .. 69 is the window
+    from specattn_runtime.eager import _read_fractions
+
+    sel = torch.zeros(1, 5, dtype=torch.bool)
+    sel[0, [0, 3, 4]] = True  # keys 0-15 (outside), 48-63 (inside), 64-69 (inside)
+    got = _read_fractions(rt, {1: sel, 2: (torch.tensor([[0, 3, 4, 0, 0]], dtype=torch.int32),
+                                           torch.tensor([3], dtype=torch.int32))}, torch.tensor([3, 3]), 70)
+    assert got.tolist() == pytest.approx([22 / 24, 22 / 24])
 
 
 def test_sparse_reference_never_reads_outside_the_window(gen):
@@ -223,3 +231,13 @@ def test_plain_models_pass_every_check():
         check_supported(eager_model(arch).config, variants=False, triton=True)
     qwen_full = transformers.Qwen2Config(**COMMON, use_sliding_window=False, sliding_window=4096)
     check_supported(qwen_full, variants=False)  # a window in the config that no layer uses
+
+
+def test_calibration_refuses_an_unsupported_architecture_before_loading_it(tmp_path):
+    from pipelines.calibrate import check_params
+
+    transformers.Qwen3NextConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=64).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"never loaded")
+    with pytest.raises(ValueError, match="model type 'qwen3_next' has layer types \\['linear_attention'\\]"):
+        check_params(None, str(tmp_path), str(tmp_path))
