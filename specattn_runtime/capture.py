@@ -5,7 +5,8 @@ models with ``attn_implementation="specattn_record"``. It computes ordinary soft
 transformers' eager path) and, when the forward call passes a :class:`AttentionRecorder` as the keyword argument
 ``specattn_recorder``, stores for each layer the head-averaged attention of the chosen query rows pooled to chunks.
 It follows each layer's variant (sliding window, soft-capping, sinks, scaling: :mod:`specattn_runtime.variants`),
-so with nothing skipped the model's logits are transformers' own. Only those pooled rows are kept (``[batch, queries, n_chunks]`` per layer), never ``[layers, heads, T, T]``.
+so with nothing skipped the model's logits are transformers' own. Only those pooled rows are kept
+(``[batch, queries, n_chunks]`` per layer), never ``[layers, heads, T, T]``.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def model_features(config) -> dict[str, object]:
         found["sliding-window attention"] = f"sliding_window={window}"
     if getattr(cfg, "attn_logit_softcapping", None):
         found["attention logit soft-capping"] = f"attn_logit_softcapping={cfg.attn_logit_softcapping}"
-    if getattr(cfg, "model_type", "") == "gpt_oss" or getattr(cfg, "attention_sinks", None):
+    if getattr(cfg, "model_type", "") == "gpt_oss":  # other models' sinks are caught per call (hooks.py)
         found["attention sinks"] = "learned sink logits per head"
     return found
 
