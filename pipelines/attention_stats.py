@@ -7,6 +7,7 @@ are kept, so memory stays at one layer's ``[heads, T, T]`` scores plus ``[layers
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -33,6 +34,18 @@ def valid_chunks(positions: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return positions // chunk_size + 1
 
 
+@functools.lru_cache(maxsize=1)
+def recording_model(model_dir: str, role: str = "model"):
+    """The model under the recording attention, loaded once per process and kept for the next call on the same
+    directory (a Dask worker computing several shards of one model loads it once). One model at a time:
+    ``recording_model.cache_clear()`` frees it."""
+    # a worker with a GPU (a Dask worker started with resources GPU=1) runs its passes there
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_causal_lm(model_dir, role=role, attn_implementation=capture.register(), device=device)
+    check_supported(model.config, variants=True)  # refuses by name what the recording would get wrong
+    return model
+
+
 @torch.no_grad()
 def collect_pooled_attention(model_dir: str | Path, windows: torch.Tensor, positions: torch.Tensor,
                              chunk_size: int, *, role: str = "model", progress: bool = True) -> torch.Tensor:
@@ -50,15 +63,14 @@ def collect_pooled_attention(model_dir: str | Path, windows: torch.Tensor, posit
     torch.Tensor
         float32 ``[n_layers, n_windows * Q, n_chunks(T)]``; row ``w * Q + q`` is window ``w``, position ``q``.
     """
-    name = capture.register()
-    model = load_causal_lm(model_dir, role=role, attn_implementation=name)
-    check_supported(model.config, variants=True)  # refuses by name what the recording would get wrong
+    model = recording_model(str(model_dir), role)
     n_layers = model.config.num_hidden_layers
     out = torch.zeros(n_layers, windows.shape[0], positions.numel(), num_chunks(windows.shape[1], chunk_size))
+    dev = next(model.parameters()).device
     for w in tqdm(range(windows.shape[0]), desc=f"attention ({role})", disable=not progress, unit="window"):
-        rec = capture.AttentionRecorder(positions, chunk_size)
-        model(windows[w : w + 1], specattn_recorder=rec, use_cache=False, logits_to_keep=1)
-        out[:, w] = rec.stacked(n_layers)[:, 0]
+        rec = capture.AttentionRecorder(positions.to(dev), chunk_size)
+        model(windows[w : w + 1].to(dev), specattn_recorder=rec, use_cache=False, logits_to_keep=1)
+        out[:, w] = rec.stacked(n_layers)[:, 0].cpu()
     return out.flatten(1, 2)
 
 

@@ -26,6 +26,7 @@ import specattn_runtime
 from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest
 
 from . import calibration_tasks as T
+from .collect import ROLES, SPLITS, check_cluster_params, collect_attention, task_runner
 from .evaluate import holdout_perplexity
 from .presets import check_pair, resolve_pair
 
@@ -33,7 +34,9 @@ from .presets import check_pair, resolve_pair
 def check_params(preset: str | None = "quick", draft: str | None = None, target: str | None = None,
                  corpus: str | None = None, chunk_size: int = 16, recall_budget: float = 0.95,
                  global_p: float | None = None, window_tokens: int = 1024, num_windows: int = 16,
-                 holdout_windows: int = 4, queries_per_window: int = 64, dense_layers: int = 2, **_) -> None:
+                 holdout_windows: int = 4, queries_per_window: int = 64, dense_layers: int = 2,
+                 dask_address: str | None = None, workers: int = 0, windows_per_shard: int = 8,
+                 dask_resources: dict | None = None, **_) -> None:
     """The flow's parameters, checked without a Prefect server or a model: the flow calls it first, and
     ``python -m pipelines.calibrate`` calls it before it starts the flow (a typo costs no server start-up)."""
     check_pair(preset, draft, target)
@@ -53,6 +56,7 @@ def check_params(preset: str | None = "quick", draft: str | None = None, target:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if dense_layers < 0:
         raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
+    check_cluster_params(dask_address, workers, windows_per_shard, dask_resources)
 
 
 def _writable_dir(path: str | Path) -> Path:
@@ -100,6 +104,10 @@ def calibrate(
     global_p: float | None = None,
     output_dir: str = "artifacts",
     skip_if_unchanged: bool = False,
+    dask_address: str | None = None,
+    workers: int = 0,
+    windows_per_shard: int = 8,
+    dask_resources: dict[str, float] | None = None,
 ) -> str:
     """Calibrate a draft/target pair; return the path of the artifact written (or reused).
 
@@ -126,10 +134,19 @@ def calibrate(
         the newest.
     skip_if_unchanged : bool
         Finish early, reusing ``latest``, when models, corpus and parameters are unchanged (scheduled runs).
+    dask_address, workers : str, int
+        Where attention shards run (:mod:`pipelines.collect`): an existing Dask cluster (``tcp://host:8786``), a
+        local cluster of ``workers`` processes started for the run, or neither: this process. The artifact is the
+        same either way.
+    windows_per_shard : int
+        Calibration windows per attention shard (one task, one model load per worker).
+    dask_resources : dict, optional
+        Dask worker resources each model pass needs, e.g. ``{"GPU": 1}`` to run them on GPU workers only.
     """
     log = get_run_logger()
     check_params(preset, draft, target, corpus, chunk_size, recall_budget, global_p, window_tokens, num_windows,
-                 holdout_windows, queries_per_window, dense_layers)
+                 holdout_windows, queries_per_window, dense_layers, dask_address, workers, windows_per_shard,
+                 dask_resources)
     out_root = _writable_dir(output_dir)
     work_dir = str(out_root / ".work")
     timings: dict[str, float] = {}
@@ -163,12 +180,10 @@ def calibrate(
         log.info("models, corpus and parameters unchanged since %s: nothing to do", pair_dir / "latest.safetensors")
         return str((pair_dir / "latest.safetensors").resolve())
 
-    rows = {}
-    for split in ("calibration", "holdout"):
-        for role in ("draft", "target"):
-            rows[role, split] = timed("collect_attention", _cached_file, T.collect_attention, models[role],
-                                      corpus_info["path"], corpus_info["windows_sha256"], split,
-                                      queries_per_window, chunk_size, role, work_dir)
+    collect = collect_attention.with_options(task_runner=task_runner(dask_address, workers))
+    files = timed("collect_attention", collect, models, corpus_info, queries_per_window, chunk_size, work_dir,
+                  windows_per_shard, dask_resources)
+    rows = {(role, split): files[f"{role}/{split}"] for role in ROLES for split in SPLITS}
     kl = timed("kl_matrix", T.compute_kl, rows["target", "calibration"], rows["draft", "calibration"])
     aligned = timed("align_layers", T.align, kl, dense_layers)
     layer_map = aligned["layer_map"]
@@ -247,6 +262,14 @@ def _publish(pair: str, path: Path, layer_map: list[int], tuned: dict, holdout: 
     print("\n".join(md))
 
 
+def _resources(text: str) -> dict[str, float]:
+    """``GPU=1,MEM=2`` -> ``{"GPU": 1.0, "MEM": 2.0}``."""
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT[,NAME=AMOUNT...], got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipelines.calibrate", description="Run the calibrate flow once.")
     ap.add_argument("--preset", default="quick")
@@ -258,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
                       ("recall-budget", float), ("global-p", float)):
         ap.add_argument(f"--{name}", type=typ)
     ap.add_argument("--output-dir", default=os.environ.get("SPECATTN_ARTIFACTS", "artifacts"))
+    ap.add_argument("--dask-address", help="run attention shards on this Dask scheduler, e.g. tcp://host:8786")
+    ap.add_argument("--workers", type=int, help="start a local Dask cluster of this many worker processes")
+    ap.add_argument("--windows-per-shard", type=int)
+    ap.add_argument("--dask-resources", type=_resources, help="worker resources per model pass, e.g. GPU=1")
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     try:
         check_params(**args)

@@ -16,6 +16,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from safetensors.torch import load_file, save_file
 
+from specattn_runtime.artifact import clean_stale_temps, temp_prefix
 from specattn_runtime.fingerprint import model_fingerprint, tokenizer_hash
 from specattn_runtime.models import check_model_dir, load_tokenizer, num_layers
 
@@ -36,7 +37,8 @@ def _key(*parts) -> str:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    clean_stale_temps(path.parent)  # what a killed writer left behind
+    tmp = path.with_name(f"{temp_prefix(path)}tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
@@ -98,17 +100,38 @@ def load_corpus(corpus: str | None, tokenizer_dir: str, tokenizer_hash: str, win
             "windows": cal.shape[0], "holdout_windows": hold.shape[0], "window_tokens": window_tokens}
 
 
+def shard_ranges(n_windows: int, windows_per_shard: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` window ranges of at most ``windows_per_shard`` windows covering ``n_windows``."""
+    return [(s, min(s + windows_per_shard, n_windows)) for s in range(0, n_windows, windows_per_shard)]
+
+
+# A model pass: where Dask workers declare resources ({"GPU": 1}), the flow routes these tasks with them.
+@task(**CACHED, retries=2, retry_delay_seconds=2, task_run_name="attention-{role}-{split}-{start}:{stop}")
+def collect_attention_shard(model: dict, windows_path: str, windows_sha: str, split: str, start: int, stop: int,
+                            queries_per_window: int, chunk_size: int, role: str, work_dir: str) -> str:
+    """Pooled attention rows ``[n_layers, rows, n_chunks]`` of one model on windows ``[start, stop)`` of one split.
+
+    Reads the windows from the shared work file (by path, not by value), loads the model once per worker process
+    (kept for the worker's next shard of the same model) and writes only the pooled rows."""
+    key = _key(model["weights_hash"], windows_sha, queries_per_window, chunk_size, start, stop)
+    path = Path(work_dir) / f"attn-{role}-{split}-{start}-{stop}-{key}.safetensors"
+    windows = load_file(windows_path)[split][start:stop]
+    pos = query_positions(windows.shape[1], queries_per_window)
+    rows = collect_pooled_attention(model["path"], windows, pos, chunk_size, role=f"{role}/{split}", progress=False)
+    _atomic_save({"rows": rows}, path)
+    return str(path)
+
+
 @task(**CACHED)
-def collect_attention(model: dict, windows_path: str, windows_sha: str, split: str, queries_per_window: int,
-                      chunk_size: int, role: str, work_dir: str) -> str:
-    """Pooled attention rows ``[n_layers, rows, n_chunks]`` of one model on one split, saved under ``work_dir``."""
-    path = Path(work_dir) / f"attn-{role}-{split}-{_key(model['weights_hash'], windows_sha, queries_per_window, chunk_size)}.safetensors"
+def merge_shards(shards: list[str], windows_path: str, split: str, queries_per_window: int, chunk_size: int,
+                 role: str, work_dir: str) -> str:
+    """One model's rows on one split, the shards concatenated in window order (the file the later steps read)."""
+    rows = torch.cat([load_file(p)["rows"] for p in shards], dim=1)
     windows = load_file(windows_path)[split]
     pos = query_positions(windows.shape[1], queries_per_window)
-    rows = collect_pooled_attention(model["path"], windows, pos, chunk_size, role=f"{role}/{split}")
-    n_keys = (pos + 1).repeat(windows.shape[0])
-    _atomic_save({"rows": rows, "n_keys": n_keys, "n_valid": valid_chunks(pos, chunk_size).repeat(windows.shape[0])},
-                 path)
+    path = Path(work_dir) / f"attn-{role}-{split}-{_key(shards)}.safetensors"
+    _atomic_save({"rows": rows, "n_keys": (pos + 1).repeat(windows.shape[0]),
+                  "n_valid": valid_chunks(pos, chunk_size).repeat(windows.shape[0])}, path)
     return str(path)
 
 

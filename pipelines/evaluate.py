@@ -17,6 +17,7 @@ Run: ``python -m pipelines.evaluate`` (see ``--help``); ``bash scripts/evaluate.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tqdm.auto import tqdm
 
@@ -38,6 +40,7 @@ from specattn_runtime.variants import check_supported
 
 from . import quality_report, sparse_eval
 from .eval_text import book_windows, load_books
+from .collect import check_cluster_params, task_runner
 from .presets import check_pair, resolve_pair
 from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, Method
 
@@ -96,20 +99,62 @@ def build_methods(art: Artifact, global_p: tuple[float, ...], curve_budgets: tup
     return methods
 
 
-def run_methods(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_map: list[int],
-                methods: list[Method], chunk_size: int, prefill_fraction: float, progress: bool = True) -> dict:
-    """Every method on every window (one teacher-forced pass each); the aggregated per-method summary."""
-    prefill = math.ceil(prefill_fraction * windows.shape[1])
+@functools.lru_cache(maxsize=1)
+def evaluation_models(draft_dir: str, target_dir: str):
+    """``(target, draft)`` under the evaluation and recording attentions, loaded once per process (a Dask worker
+    evaluating several shards loads them once); ``evaluation_models.cache_clear()`` frees them."""
     target = load_causal_lm(target_dir, role="target", attn_implementation=sparse_eval.register())
     draft = load_causal_lm(draft_dir, role="draft", attn_implementation=capture.register())
     for m in (target, draft):
         check_supported(m.config, variants=True)
+    return target, draft
+
+
+def window_results(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_map: list[int],
+                   methods: list[Method], chunk_size: int, prefill_fraction: float, progress: bool = True) -> list:
+    """Every method on every window (one teacher-forced pass each): per window, ``{method: WindowResult}``."""
+    prefill = math.ceil(prefill_fraction * windows.shape[1])
+    target, draft = evaluation_models(draft_dir, target_dir)
     results = []
     with tqdm(total=windows.shape[0] * len(methods), desc="evaluate", unit="pass", disable=not progress) as bar:
         for w in windows:
             results.append(sparse_eval.evaluate_window(target, draft, w, layer_map, methods, chunk_size, prefill,
                                                        on_method=lambda name: bar.update(1)))
+    return results
+
+
+def run_methods(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_map: list[int],
+                methods: list[Method], chunk_size: int, prefill_fraction: float, progress: bool = True) -> dict:
+    """Every method on every window in this process; the aggregated per-method summary."""
+    results = window_results(draft_dir, target_dir, windows, layer_map, methods, chunk_size, prefill_fraction,
+                             progress)
+    evaluation_models.cache_clear()
     return sparse_eval.summarize(results, methods, layer_map)
+
+
+@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=2, retry_delay_seconds=2,
+      task_run_name="evaluate-texts-{start}:{stop}")
+def evaluate_texts(draft_dir: str, target_dir: str, windows: torch.Tensor, start: int, stop: int,
+                   layer_map: list[int], methods: list[Method], chunk_size: int, prefill_fraction: float) -> list:
+    """One shard of the evaluation: texts ``[start, stop)``, every method (task-cached on its inputs)."""
+    return window_results(draft_dir, target_dir, windows[start:stop], layer_map, methods, chunk_size,
+                          prefill_fraction, progress=False)
+
+
+@flow(name="evaluate-texts", log_prints=True)
+def evaluate_sharded(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_map: list[int],
+                     methods: list[Method], chunk_size: int, prefill_fraction: float, texts_per_shard: int = 1,
+                     dask_resources: dict | None = None) -> list:
+    """:func:`window_results` over shards of texts, on the subflow's task runner (:mod:`pipelines.collect`)."""
+    from .collect import annotate, wait_with_progress
+
+    with annotate(dask_resources):
+        futures = [evaluate_texts.submit(draft_dir, target_dir, windows, s, min(s + texts_per_shard, len(windows)),
+                                         layer_map, methods, chunk_size, prefill_fraction)
+                   for s in range(0, len(windows), texts_per_shard)]
+    wait_with_progress(futures, "evaluation shards")
+    evaluation_models.cache_clear()  # this process may have run shards: free the models it kept
+    return [r for f in futures for r in f.result()]
 
 
 @task
@@ -172,6 +217,10 @@ def evaluate(
     quick: bool = False,
     output_dir: str | None = None,
     allow_mismatch: bool = False,
+    dask_address: str | None = None,
+    workers: int = 0,
+    texts_per_shard: int = 1,
+    dask_resources: dict[str, float] | None = None,
 ) -> str:
     """Evaluate an artifact on long text; return the path of the evaluation JSON.
 
@@ -197,11 +246,15 @@ def evaluate(
         Default ``<artifact folder>/evaluation/<artifact name>/``.
     allow_mismatch : bool
         Accept models whose hashes differ from the artifact's (layer counts must still match).
+    dask_address, workers, texts_per_shard, dask_resources
+        Where the passes run, as in the ``calibrate`` flow (:mod:`pipelines.collect`): shards of
+        ``texts_per_shard`` texts on an existing Dask cluster, a local one of ``workers`` processes, or here.
     """
     log = get_run_logger()
     t_start = time.perf_counter()
     check_params(artifact, preset, draft, target, text, text_tokens, num_texts, prefill_fraction, global_p,
                  curve_budgets)
+    check_cluster_params(dask_address, workers, texts_per_shard, dask_resources)
     art_path = Path(artifact).expanduser()
     art = load_artifact(art_path)
     draft_dir, target_dir, _ = resolve_pair(preset, draft, target)
@@ -222,8 +275,10 @@ def evaluate(
     methods = build_methods(art, tuple(global_p), tuple(curve_budgets), quick)
     log.info("%d texts x %d tokens, %d methods (%d passes)", len(labels), text_tokens, len(methods),
              len(labels) * len(methods))
-    rows = run_methods(draft_dir, target_dir, windows, art.layer_map.tolist(), methods, art.chunk_size,
-                       prefill_fraction)
+    passes = evaluate_sharded.with_options(task_runner=task_runner(dask_address, workers))
+    results = passes(draft_dir, target_dir, windows, art.layer_map.tolist(), methods, art.chunk_size,
+                     prefill_fraction, texts_per_shard, dask_resources)
+    rows = sparse_eval.summarize(results, methods, art.layer_map.tolist())
     seconds = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -266,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--curve-budgets", type=float, nargs="+")
     ap.add_argument("--quick", action="store_true", help="table rows only, one short text unless told otherwise")
     ap.add_argument("--output-dir")
+    ap.add_argument("--dask-address", help="run the passes on this Dask scheduler, e.g. tcp://host:8786")
+    ap.add_argument("--workers", type=int, help="start a local Dask cluster of this many worker processes")
+    ap.add_argument("--texts-per-shard", type=int)
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v not in (None, False)}
     if args.get("quick"):
         args.setdefault("text_tokens", 512)

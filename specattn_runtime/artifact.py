@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -169,6 +170,39 @@ def validate_artifact(art: Artifact, path: str | os.PathLike | None = None) -> N
             raise _fail(path, f"curve {name!r} must be finite float32, got {t.dtype}")
 
 
+_TEMP_PID = re.compile(r"^\..+\.pid(\d+)\.[^/]*tmp$")
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of a writer's temporary file beside ``path``: it names the writer's pid, so that a later writer can
+    tell a file left by a killed process (see :func:`clean_stale_temps`) from one being written now."""
+    return f".{path.name}.pid{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files in ``directory`` whose writing process no longer exists; returns them.
+
+    Only names made with :func:`temp_prefix` are considered; a file whose pid is alive (its writer, or an
+    unrelated process that reused the pid) is kept."""
+    removed = []
+    for f in Path(directory).glob(".*tmp"):
+        m = _TEMP_PID.match(f.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
 def save_artifact(art: Artifact, path: str | os.PathLike) -> Path:
     """Validate and write ``art`` to ``path`` atomically.
 
@@ -179,7 +213,8 @@ def save_artifact(art: Artifact, path: str | os.PathLike) -> Path:
     path = Path(path)
     tensors = {"layer_map": art.layer_map.contiguous(), "top_p": art.top_p.contiguous(), "kl": art.kl.contiguous()}
     tensors.update({CURVE_PREFIX + k: v.contiguous() for k, v in art.curves.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temps(path.parent)  # what a killed writer left behind
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=dict(art.metadata))
@@ -262,7 +297,7 @@ def update_latest(art_path: str | os.PathLike, name: str = "latest.safetensors")
     """Point ``<dir>/latest.safetensors`` at ``art_path`` atomically (relative symlink, swapped by ``os.replace``)."""
     art_path = Path(art_path)
     link = art_path.parent / name
-    tmp = art_path.parent / f".{name}.{os.getpid()}.tmp"
+    tmp = art_path.parent / f"{temp_prefix(link)}tmp"
     tmp.unlink(missing_ok=True)
     os.symlink(art_path.name, tmp)
     os.replace(tmp, link)

@@ -127,3 +127,17 @@ def test_killed_writer_never_leaves_a_broken_latest(tmp_path):
         assert (out / "latest.safetensors") in visible
         for p in visible:
             load_artifact(p)  # raises if any visible file is partial
+
+
+def test_a_killed_writers_temporary_files_are_cleaned_on_the_next_write(tmp_path):
+    """Temporary names carry the writer's pid: the next write deletes those of dead processes, nobody else's."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".a.safetensors.pid{dead}.k3j2_x.tmp"
+    live = tmp_path / f".b.safetensors.pid{os.getppid()}.tmp"  # a live process: maybe writing right now
+    other = tmp_path / ".unrelated.tmp"  # not one of ours
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    save_artifact(make_artifact(), tmp_path / "c.safetensors")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "c.safetensors"])

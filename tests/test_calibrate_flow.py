@@ -49,11 +49,17 @@ def test_rerun_is_served_from_cache(prefect_harness, tmp_path):
     state = run_state(preset="quick", output_dir=str(tmp_path), **TINY)
     from prefect.client.orchestration import get_client
 
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    parent = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs()
-    flow_runs = [r for r in runs if r.flow_run_id == state.state_details.flow_run_id]
-    cached = {r.name.rsplit("-", 1)[0] for r in flow_runs if r.state.name == "Cached"}
-    assert {"load_corpus", "collect_attention"} <= cached
+        subflows = {r.id for r in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))}
+    cached = {r.name.rsplit("-", 1)[0] for r in runs if r.flow_run_id == parent and r.state.name == "Cached"}
+    assert "load_corpus" in cached
+    shards = [r for r in runs if r.flow_run_id in subflows and r.name.startswith("attention-")]
+    assert shards and all(r.state.name == "Cached" for r in shards)  # every attention shard: no model pass
 
 
 def test_custom_pair_is_written_under_its_models_names(prefect_harness, quick_pair, tmp_path):

@@ -17,6 +17,7 @@ from specattn_runtime.artifact import load_artifact
 
 pytestmark = pytest.mark.slow
 TINY = {"window_tokens": 128, "num_windows": 2, "holdout_windows": 1, "queries_per_window": 8}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -115,4 +116,30 @@ def test_deployment_run_produces_an_artifact(prefect_server, quick_pair, tmp_pat
         wait_until(lambda: scheduled_runs(env) > 0, 120, "a run created by the scheduler")
     finally:
         stop(serve)  # the worker goes before the server (fixture teardown)
+        log.close()
+
+
+def test_work_pool_deployments_from_prefect_yaml(prefect_server, quick_pair, tmp_path):
+    """The production route: `prefect deploy --all` (prefect.yaml), a process worker, a deployment run."""
+    env = {**prefect_server, "PWD": str(ROOT)}
+    created = prefect_cli(env, "work-pool", "create", "specattn", "--type", "process")
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "specattn"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        out = tmp_path / "artifacts"
+        run = prefect_cli(env, "deployment", "run", "calibrate/default",
+                          "--params", json.dumps({**TINY, "output_dir": str(out)}),
+                          "--watch", "--watch-timeout", "400", timeout=450)
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr
+        assert load_artifact(out / "quick" / "latest.safetensors").n_target_layers == 30
+        inspect = prefect_cli(env, "deployment", "inspect", "calibrate/scheduled-recalibration")
+        assert inspect.returncode == 0 and "0 3 * * 0" in inspect.stdout, inspect.stdout
+        wait_until(lambda: scheduled_runs(env) > 0, 120, "a run created by the scheduler")
+    finally:
+        stop(worker)
         log.close()
