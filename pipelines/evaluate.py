@@ -90,9 +90,15 @@ def build_methods(art: Artifact, global_p: tuple[float, ...], curve_budgets: tup
             Method(f"streaming-cal-r{b:g}", "streaming", match=cal, group="StreamingLLM", x=b, in_table=row),
             Method(f"quest-cal-r{b:g}", "quest", match=cal, group="Quest", x=b, in_table=row),
         ]
-        if row:  # the upper bound once, at the artifact's own budget (each pass costs ~13 s per text on 2 cores)
-            methods.append(Method(f"oracle-cal-r{b:g}", "oracle", top_p, group="Oracle top-p (calibrated p)", x=b,
-                                  in_table=True))
+        if row:  # the upper bounds once, at the artifact's own budget (each pass costs ~13 s per text on 2 cores)
+            head = f"oracle-head-cal-r{b:g}"
+            methods += [Method(f"oracle-cal-r{b:g}", "oracle", top_p, group="Oracle top-p (calibrated p)", x=b,
+                               in_table=True),
+                        # selection granularity: one chunk set per KV head, from perfect knowledge, and Quest
+                        # (also per head) at its KV
+                        Method(head, "oracle_head", top_p, group="Oracle top-p per KV head", x=b, in_table=True),
+                        Method(f"quest-head-cal-r{b:g}", "quest", match=head, group="Quest at per-head oracle KV",
+                               x=b, in_table=True)]
     sweep = sorted(set(global_p) | (set() if quick else {0.9}))
     methods += [Method(f"specattn-p{p:g}", "specattn", dense_p(p), group=GROUP_GLOBAL, x=p, in_table=p in global_p)
                 for p in (global_p if quick else sweep)]

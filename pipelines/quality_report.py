@@ -10,11 +10,12 @@ from pathlib import Path
 
 from .sparse_eval import GROUP_GLOBAL
 
-_KIND_ORDER = {"dense": 0, "streaming": 1, "quest": 2, "oracle": 3, "specattn": 4}
+_KIND_ORDER = {"dense": 0, "streaming": 1, "quest": 2, "oracle": 3, "oracle_head": 3, "specattn": 4}
 
 
 _NAMES = {"dense": "Dense", "streaming": "StreamingLLM (sink + recent)", "quest": "Quest (min/max key bounds)",
-          "oracle": "Oracle top-p (target's own attention)"}
+          "oracle": "Oracle top-p (target's own attention)",
+          "oracle_head": "Oracle top-p per KV head (target's own attention)"}
 
 
 def describe(row: dict) -> str:

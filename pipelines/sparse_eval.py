@@ -10,6 +10,8 @@ Methods select chunks per (layer, query):
 
 - ``specattn``: top-p on the draft's attention row at ``t`` (layer map and p per layer, as at run time);
 - ``oracle``: top-p on the target's own dense attention row (what a perfect draft would give);
+- ``oracle_head``: the same per KV head (its query heads' rows averaged): one chunk set per KV head, the
+  granularity Quest has, from perfect knowledge (the bound for per-head SpecAttn selection);
 - ``streaming`` / ``quest``: :mod:`pipelines.baselines`, with the chunk count of a reference SpecAttn method.
 
 The target is loaded with ``attn_implementation="specattn_eval"`` (registered here); a forward call passes a
@@ -33,7 +35,7 @@ from specattn_runtime.variants import variant_of, visible
 from .baselines import quest_mask, streaming_mask
 
 ATTN_NAME = "specattn_eval"
-KINDS = ("dense", "specattn", "oracle", "streaming", "quest")
+KINDS = ("dense", "specattn", "oracle", "oracle_head", "streaming", "quest")
 GROUP_GLOBAL, GROUP_CALIBRATED = "SpecAttn global p", "SpecAttn calibrated"
 
 
@@ -88,7 +90,9 @@ def _eval_attention(module, query, key, value, attention_mask, scaling=None, dro
     t = query.shape[2]
     allowed = visible(t, t, variant.window, query.device)[None]  # [1, T, T]: what dense attention reads
     if st is not None and layer in st.chunks:
-        allowed = allowed & token_mask(st.chunks[layer], st.chunk_size)[None]
+        chunks = st.chunks[layer]  # [T, C], or [H, T, C] per query head
+        allowed = allowed & (token_mask(chunks, st.chunk_size) if chunks.dim() == 3 else
+                             token_mask(chunks, st.chunk_size)[None])
     elif st is not None and layer in st.quest_budget:
         chunks = quest_mask(query[0], key[0], st.quest_budget[layer], st.chunk_size)  # [H, T, C]
         allowed = allowed & token_mask(chunks, st.chunk_size)  # [H, T, T]
@@ -96,7 +100,7 @@ def _eval_attention(module, query, key, value, attention_mask, scaling=None, dro
         st.read[layer] = allowed.sum(-1).float().mean(0)  # [T] keys read per query, averaged over heads
     if st is not None and st.recorder is not None and st.recorder.wants(layer):
         out, probs = softmax_attention(query, key, value, allowed[None], scale, variant)
-        st.recorder.record(layer, probs)  # the dense pass keeps the target's own rows: the oracle's input
+        st.recorder.record(layer, probs, key.shape[1])  # the target's own rows: the oracles' input
         return out, None
     if variant.softcap is not None or variant.sinks is not None:  # SDPA has neither
         return softmax_attention(query, key, value, allowed[None], scale, variant)[0], None
@@ -159,8 +163,10 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
 
     draft_rec = AttentionRecorder(positions, chunk_size, layers={layer_map[j] for j in sparse})
     draft(ids[None], specattn_recorder=draft_rec, use_cache=False, logits_to_keep=1)
-    needs_oracle = any(m.kind == "oracle" for m in methods)
-    target_rec = AttentionRecorder(positions, chunk_size, layers=set(sparse)) if needs_oracle else None
+    needs_oracle = any(m.kind in ("oracle", "oracle_head") for m in methods)
+    target_rec = AttentionRecorder(positions, chunk_size, layers=set(sparse),
+                                   per_kv_head=any(m.kind == "oracle_head" for m in methods)) if needs_oracle else None
+    n_heads = target.config.num_attention_heads
     dense_pass = PassMasks(chunk_size, recorder=target_rec)
     # logits only where they are scored: queries prefill .. T-1 (the last one is dropped by _nll)
     dense_logits = target(ids[None], specattn_eval=dense_pass, use_cache=False, logits_to_keep=t - prefill).logits[0]
@@ -179,6 +185,13 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
                 rows = (draft_rec.rows[layer_map[j]] if m.kind == "specattn" else target_rec.rows[j])[0]
                 masks.chunks[j] = topp_chunks(rows, m.top_p[j], prefill, chunk_size)
             counts[m.name] = {j: masks.chunks[j].sum(-1) for j in sparse}
+        elif m.kind == "oracle_head":
+            for j in sparse:
+                rows_kv = target_rec.rows_kv[j][0]  # [Hkv, T, C]
+                per_kv = torch.stack([topp_chunks(r, m.top_p[j], prefill, chunk_size) for r in rows_kv])
+                masks.chunks[j] = per_kv.repeat_interleave(n_heads // rows_kv.shape[0], dim=0)  # [H, T, C]
+            # matched baselines get the mean chunk count over heads, per query: the same KV on average
+            counts[m.name] = {j: masks.chunks[j].sum(-1).double().mean(0).round().long() for j in sparse}
         elif m.kind in ("streaming", "quest"):
             if m.match not in counts:
                 raise ValueError(f"{m.name}: matched method {m.match!r} must be an earlier specattn/oracle method")
@@ -197,7 +210,7 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
             if j in masks.read:
                 read[j] = masks.read[j][prefill:-1].double()
             if j in masks.chunks:
-                chunks[j] = masks.chunks[j][prefill:-1].sum(-1).double()
+                chunks[j] = masks.chunks[j][..., prefill:-1, :].sum(-1).double().reshape(-1, t - 1 - prefill).mean(0)
             elif j in masks.quest_budget:
                 chunks[j] = masks.quest_budget[j][prefill:-1].double()
         out[m.name] = WindowResult(_nll(logits, ids, prefill), read.sum(-1), avail.sum(-1), chunks.sum(-1))

@@ -34,20 +34,29 @@ class AttentionRecorder:
         Keys per chunk.
     layers : set[int] or None
         Layer indices to record; ``None`` records every layer.
+    per_kv_head : bool
+        Also keep one row per KV head (its group of query heads averaged) in ``rows_kv``.
     """
 
     query_positions: torch.Tensor
     chunk_size: int
     layers: set[int] | None = None
+    per_kv_head: bool = False
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [batch, queries, n_chunks]
+    rows_kv: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [batch, Hkv, queries, C]
 
     def wants(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers
 
-    def record(self, layer_idx: int, probs: torch.Tensor) -> None:
-        """Keep the head-averaged, chunk-pooled rows of ``probs`` ``[B, H, Tq, Tk]`` at ``query_positions``."""
-        rows = probs[:, :, self.query_positions, :].float().mean(dim=1)  # [B, Q, Tk]
-        self.rows[layer_idx] = pool_to_chunks(rows, self.chunk_size)
+    def record(self, layer_idx: int, probs: torch.Tensor, n_kv_heads: int | None = None) -> None:
+        """Keep the head-averaged, chunk-pooled rows of ``probs`` ``[B, H, Tq, Tk]`` at ``query_positions`` (and,
+        with ``per_kv_head``, the rows of each of the ``n_kv_heads`` groups of consecutive query heads)."""
+        rows = probs[:, :, self.query_positions, :].float()  # [B, H, Q, Tk]
+        self.rows[layer_idx] = pool_to_chunks(rows.mean(dim=1), self.chunk_size)
+        if self.per_kv_head:
+            b, h, q, tk = rows.shape
+            groups = rows.view(b, n_kv_heads, h // n_kv_heads, q, tk).mean(dim=2)
+            self.rows_kv[layer_idx] = pool_to_chunks(groups, self.chunk_size)
 
     def stacked(self, n_layers: int) -> torch.Tensor:
         """float32 ``[n_layers, batch, queries, n_chunks]``; raises if a layer was not recorded."""
@@ -90,7 +99,7 @@ def _record_attention(module, query, key, value, attention_mask, scaling=None, d
     rec = specattn_recorder
     layer_idx = getattr(module, "layer_idx", None)
     if rec is not None and layer_idx is not None and rec.wants(layer_idx):
-        rec.record(layer_idx, probs)
+        rec.record(layer_idx, probs, key.shape[1])
     return out, None
 
 

@@ -16,8 +16,9 @@ def test_quick_evaluation_writes_table_json_and_plot(quick_evaluation, calibrate
     result = json.loads(Path(quick_evaluation).read_text())
     methods = result["methods"]
     kinds = sorted(r["kind"] for r in methods.values())
-    assert kinds == ["dense", "oracle", "quest", "specattn", "specattn", "specattn", "specattn", "streaming"]
-    assert len(result["table"]) == 8 and result["text"]["windows"] == ["emma[0]", "mansfieldpark[0]"]
+    assert kinds == ["dense", "oracle", "oracle_head", "quest", "quest", "specattn", "specattn", "specattn",
+                     "specattn", "streaming"]
+    assert len(result["table"]) == 10 and result["text"]["windows"] == ["emma[0]", "mansfieldpark[0]"]
     dense = methods["dense"]
     assert dense["perplexity_increase"] == 0 and 1 < dense["perplexity"] < 1000
     for r in methods.values():
@@ -25,9 +26,11 @@ def test_quick_evaluation_writes_table_json_and_plot(quick_evaluation, calibrate
         assert len(r["step_nll"]) == 256 - 26 - 1  # 10% prefill, the last token predicts nothing
     cal = [n for n, r in methods.items() if r["kind"] == "specattn" and r["group"] == "SpecAttn calibrated"][0]
     for kind in ("streaming", "quest"):  # matched budgets read the same keys
-        row = next(r for r in methods.values() if r["kind"] == kind)
-        assert row["match"] == cal
+        row = next(r for r in methods.values() if r["kind"] == kind and r["match"] == cal)
         assert row["kv_reduction_all_layers"] == pytest.approx(methods[cal]["kv_reduction_all_layers"], abs=1e-3)
+    head = next(n for n, r in methods.items() if r["kind"] == "oracle_head")  # per-head oracle, Quest at its KV
+    quest_head = next(r for r in methods.values() if r["kind"] == "quest" and r["match"] == head)
+    assert quest_head["kv_reduction_all_layers"] == pytest.approx(methods[head]["kv_reduction_all_layers"], abs=0.01)
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| Dense |" in (out / "table.md").read_text()
     # the calibrate flow recorded holdout perplexity in the artifact

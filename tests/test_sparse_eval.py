@@ -78,3 +78,27 @@ def test_evaluate_window_accounts_kv_and_matches_budgets(quick_pair, targets, ge
         sparse_eval.evaluate_window(target_eval, draft, ids, layer_map, methods, CS, T)
     with pytest.raises(ValueError, match="earlier"):
         sparse_eval.evaluate_window(target_eval, draft, ids, layer_map, [Method("q", "quest", match="s")], CS, PREFILL)
+
+
+@pytest.mark.parametrize("arch", ["mistral-window-1kv", "gemma2-softcap-d256", "llama-d256-1kv"])
+@torch.no_grad()
+def test_oracle_per_kv_head(arch):
+    """One chunk set per KV head: with one KV head it is the head-averaged oracle exactly; with every chunk kept
+    it is dense; Quest matched to it reads the same keys on average."""
+    from test_variants import eager_model, ids, with_attention
+
+    model = eager_model(arch)
+    target, draft = with_attention(model, sparse_eval.register()), with_attention(model, capture.register())
+    p = (1.0, 0.6, 0.6)
+    methods = [Method("dense", "dense"), Method("all", "oracle_head", (1.0, 1.0, 1.0)),
+               Method("oracle", "oracle", p), Method("head", "oracle_head", p),
+               Method("quest", "quest", match="head")]
+    res = sparse_eval.evaluate_window(target, draft, ids(5)[0], [-1, 0, 1], methods, 16, 20)
+    torch.testing.assert_close(res["all"].nll, res["dense"].nll, rtol=1e-4, atol=1e-4)
+    assert res["head"].read.sum() < res["dense"].read.sum()
+    if model.config.num_key_value_heads == 1:
+        torch.testing.assert_close(res["head"].nll, res["oracle"].nll)
+        assert torch.equal(res["head"].read, res["oracle"].read)
+    # Quest picks per head with the per-query mean of the oracle's per-head counts, rounded: within half a chunk
+    # per scored query (49 of them) of the oracle's chunks
+    assert torch.all((res["quest"].chunks - res["head"].chunks).abs() <= 0.5 * 49)
