@@ -77,8 +77,14 @@ def softmax_with_sinks(logits: torch.Tensor, sinks: torch.Tensor | None) -> torc
 
 
 def _config_name(config) -> tuple[object, str]:
+    """``(text config, model type)``; a heterogeneous config (per-layer head counts, windows...: transformers'
+    ``per_layer_config``) is refused here, before any per-layer attribute is read as if it were global."""
     cfg = getattr(config, "text_config", None) or config
-    return cfg, getattr(cfg, "model_type", type(cfg).__name__)
+    name = getattr(cfg, "model_type", type(cfg).__name__)
+    if getattr(cfg, "is_heterogeneous", False):
+        raise ValueError(f"model type {name!r} has per-layer values of {sorted(cfg.per_layer_attributes)} (a "
+                         "heterogeneous config); SpecAttn reads one value per model and does not implement that")
+    return cfg, name
 
 
 def model_features(config) -> dict[str, object]:

@@ -241,3 +241,13 @@ def test_calibration_refuses_an_unsupported_architecture_before_loading_it(tmp_p
     (tmp_path / "model.safetensors").write_bytes(b"never loaded")
     with pytest.raises(ValueError, match="model type 'qwen3_next' has layer types \\['linear_attention'\\]"):
         check_params(None, str(tmp_path), str(tmp_path))
+
+
+def test_heterogeneous_per_layer_configs_are_refused_by_name():
+    cfg = transformers.LlamaConfig(**{**COMMON, "num_key_value_heads": 2})
+    if not hasattr(cfg, "is_heterogeneous"):
+        pytest.skip("this transformers has no per-layer configs")
+    cfg.per_layer_config = {1: {"num_key_value_heads": 1}}
+    for variants in (True, False):
+        with pytest.raises(ValueError, match="model type 'llama' has per-layer values of \\['num_key_value_heads'\\]"):
+            check_supported(cfg, variants=variants)
