@@ -26,7 +26,8 @@ import specattn_runtime
 from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest
 
 from . import calibration_tasks as T
-from .collect import ROLES, SPLITS, check_cluster_params, collect_attention, task_runner
+from .collect import (ROLES, SPLITS, check_cluster_params, collect_attention, parse_resources,
+                      task_runner)
 from .evaluate import holdout_perplexity
 from .presets import check_pair, resolve_pair
 
@@ -262,14 +263,6 @@ def _publish(pair: str, path: Path, layer_map: list[int], tuned: dict, holdout: 
     print("\n".join(md))
 
 
-def _resources(text: str) -> dict[str, float]:
-    """``GPU=1,MEM=2`` -> ``{"GPU": 1.0, "MEM": 2.0}``."""
-    try:
-        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT[,NAME=AMOUNT...], got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipelines.calibrate", description="Run the calibrate flow once.")
     ap.add_argument("--preset", default="quick")
@@ -284,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-address", help="run attention shards on this Dask scheduler, e.g. tcp://host:8786")
     ap.add_argument("--workers", type=int, help="start a local Dask cluster of this many worker processes")
     ap.add_argument("--windows-per-shard", type=int)
-    ap.add_argument("--dask-resources", type=_resources, help="worker resources per model pass, e.g. GPU=1")
+    ap.add_argument("--dask-resources", type=parse_resources, help="worker resources per model pass, e.g. GPU=1")
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     try:
         check_params(**args)

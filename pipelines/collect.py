@@ -14,6 +14,7 @@ On a real cluster the work directory (windows file, shard files) and Prefect's r
 
 from __future__ import annotations
 
+import argparse
 import re
 from contextlib import nullcontext
 from pathlib import Path
@@ -44,6 +45,14 @@ def check_cluster_params(dask_address: str | None, workers: int, windows_per_sha
             isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in dask_resources.items())):
         raise ValueError(f"dask_resources must map resource names to positive amounts, e.g. {{'GPU': 1}}; "
                          f"got {dask_resources!r}")
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """Command-line form of ``dask_resources``: ``GPU=1,MEM=2`` -> ``{"GPU": 1.0, "MEM": 2.0}``."""
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT[,NAME=AMOUNT...], got {text!r}") from None
 
 
 def task_runner(dask_address: str | None = None, workers: int = 0):

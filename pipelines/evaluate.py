@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from tqdm.auto import tqdm
 
 from specattn_runtime import capture
@@ -39,8 +39,8 @@ from specattn_runtime.runtime import check_against_models
 from specattn_runtime.variants import check_supported
 
 from . import quality_report, sparse_eval
+from .collect import annotate, check_cluster_params, parse_resources, task_runner, wait_with_progress
 from .eval_text import book_windows, load_books
-from .collect import check_cluster_params, task_runner
 from .presets import check_pair, resolve_pair
 from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, Method
 
@@ -152,8 +152,6 @@ def evaluate_sharded(draft_dir: str, target_dir: str, windows: torch.Tensor, lay
                      methods: list[Method], chunk_size: int, prefill_fraction: float, texts_per_shard: int = 1,
                      dask_resources: dict | None = None) -> list:
     """:func:`window_results` over shards of texts, on the subflow's task runner (:mod:`pipelines.collect`)."""
-    from .collect import annotate, wait_with_progress
-
     with annotate(dask_resources):
         futures = [evaluate_texts.submit(draft_dir, target_dir, windows, s, min(s + texts_per_shard, len(windows)),
                                          layer_map, methods, chunk_size, prefill_fraction)
@@ -330,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dask-address", help="run the passes on this Dask scheduler, e.g. tcp://host:8786")
     ap.add_argument("--workers", type=int, help="start a local Dask cluster of this many worker processes")
     ap.add_argument("--texts-per-shard", type=int)
+    ap.add_argument("--dask-resources", type=parse_resources, help="worker resources per model pass, e.g. GPU=1")
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v not in (None, False)}
     if args.get("quick"):
         args.setdefault("text_tokens", 512)
