@@ -8,6 +8,8 @@ Methods (the ``method`` key of each JSON row):
 - ``ar``: this runtime with ``k = 0`` (the decode engine: the target alone, each step a captured graph).
 - ``spec_dense``: this runtime, speculative, every target layer verified densely.
 - ``specattn``: this runtime, speculative, sparse verification.
+- ``self_spec``: self-speculation (``SelfSpecEngine``): the target alone drafts ``k`` tokens with sparse attention
+  over the chunks selected from its previous dense verification's recorded attention, then verifies densely.
 
 Models are real architectures built from their configs with random bf16 weights (nothing to download): Llama-2-7B
 target + TinyLlama-1.1B draft (``llama2``, MHA target), Llama-3.1-8B + Llama-3.2-1B (``llama3``, GQA). Random
@@ -16,13 +18,18 @@ weights show neither acceptance nor sparsity, so both are **forced**, and said s
 - acceptance: the engine's acceptance is replaced by a fixed cycle of accepted counts whose mean tokens per step
   is ``--accepted-length`` (on the device, inside the captured accept phase);
 - density: the artifact's p on every sparse layer is ``--density``; on near-uniform random attention top-p keeps
-  about that share of chunks; rows report the KV share the verification actually read.
+  about that share of chunks; rows report the KV share the verification actually read. ``self_spec`` takes its
+  pairs from ``--self-accepted-length`` / ``--self-density`` (its drafts read that share; rows report it).
 
 Everything else is real: the draft's k + 1 forwards with fused attention recording, Triton top-p selection,
 block-sparse verification, rollback, the host loop with its one read per step. Floors: bytes a step must read
-(weights once per forward, KV of the positions attended) over the measured copy bandwidth.
+(weights once per forward, KV of the positions attended) over the measured copy bandwidth. ``--methods`` runs a
+subset (e.g. ``hf_compiled_ar ar self_spec``: then no draft model is built, and ``ar`` runs its engine directly over
+the self-speculation's caches).
 
     python3 bench/e2e.py --pair llama2 --contexts 8192 32768 65536 --out bench/e2e_llama2_h100.json
+    python3 bench/e2e.py --pair llama2 --contexts 131072 --methods hf_compiled_ar ar self_spec --k 4 \
+        --self-accepted-length 3.0 3.5 --self-density 0.10 0.05 --out bench/e2e_self_spec_h200.json
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernels import copy_bandwidth  # noqa: E402
 from specattn_runtime import SpecAttnRuntime, hooks  # noqa: E402
-from specattn_runtime.engine import DecodeEngine  # noqa: E402
+from specattn_runtime.engine import (DecodeEngine, KVStore, SelfSpecEngine, SparsePlan, StepTimes,  # noqa: E402
+                                     make_forward, self_plan)
+
+METHODS = ("hf_compiled_ar", "ar", "spec_dense", "specattn", "self_spec")
 
 PAIRS = {
     # (target config, draft config): public architecture hyper-parameters
@@ -67,9 +77,9 @@ def build(cfg: dict, max_pos: int):
     return model.eval()
 
 
-class ForcedAcceptance(DecodeEngine):
-    """The engine with its accepted count forced to a fixed cycle averaging ``accepted_length - 1`` drafts per step
-    (set on the class before ``generate``; read into a device buffer when a generation starts)."""
+class ForcedAcceptanceMixin:
+    """An engine with its accepted count forced to a fixed cycle averaging ``accepted_length - 1`` drafts per step
+    (set on the class or the instance before ``start``; read into a device buffer when a generation starts)."""
 
     accepted_length = 1.0
     CYCLE = 64
@@ -88,6 +98,15 @@ class ForcedAcceptance(DecodeEngine):
         n = self.schedule.index_select(0, self.step_no % self.CYCLE)
         target = self.tlogits.argmax(-1)  # the target's tokens are computed and emitted, as greedy would
         return n, target
+
+
+class ForcedAcceptance(ForcedAcceptanceMixin, DecodeEngine):
+    """The draft-model engine with forced acceptance (the runtime builds it: ``engine_class``)."""
+
+
+class ForcedSelfAcceptance(ForcedAcceptanceMixin, SelfSpecEngine):
+    """The self-speculative engine with forced acceptance; its drafting still reads the top-p selection of the
+    recorded attention, at the p in its ``sel_p`` buffer (the forced density)."""
 
 
 def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2):
@@ -191,26 +210,120 @@ def run_ours(rt: SpecAttnRuntime, ids: torch.Tensor, new_tokens: int, k: int, ac
             "capture_s": warm.stats.time_capture, "prefill_s": warm.stats.time_prefill}
 
 
+@torch.no_grad()
+def run_engine(eng: DecodeEngine, ids: list[int], new_tokens: int) -> dict:
+    """Capture (first use), prefill (reusing the cached prompt), a short warm run, then ``new_tokens`` more timed,
+    continuing it: the runtime's static ``generate`` loop without its bookkeeping (one host read per step)."""
+    t0 = time.perf_counter()
+    eng.capture()
+    t1 = time.perf_counter()
+    eng.store.prefill("target", ids[:-1])
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+
+    def go(n: int) -> tuple[float, int, int]:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        steps = toks = 0
+        while toks < n:
+            toks += len(eng.step())
+            steps += 1
+        return time.perf_counter() - t, steps, toks
+
+    eng.start(len(ids) - 1, ids[-1], ids[-2], seed=0)
+    go(2 * (eng.k + 1))  # warm, and past self-speculation's first (dense) drafting round: time the steady state
+    eng.times = StepTimes()
+    eng.kv_read.zero_()
+    elapsed, steps, toks = go(new_tokens)
+    per_step, tm = 1e3 / steps, eng.times
+    n_layers = eng.target.config.num_hidden_layers
+    sparse = [f / steps for f in eng.kv_read_sum()]  # per sparse layer: share of keys read (drafts, for self_spec)
+    kv = (n_layers - len(sparse) + sum(sparse)) / n_layers
+    return {"tokens_per_second": toks / elapsed, "step_ms": elapsed * per_step,
+            "split_ms": {"draft": tm.draft * per_step, "select": tm.select * per_step, "verify": tm.verify * per_step,
+                         "other": (elapsed - tm.draft - tm.select - tm.verify) * per_step},
+            "measured_accepted_length": toks / steps, "kv_read_all_layers": kv, "steps": steps,
+            "capture_s": t1 - t0, "prefill_s": t2 - t1}
+
+
+def self_spec_rows(target, ids: list[int], args, ks: list[int], tb: "Bytes", bw: float, base: dict,
+                   want_ar: bool) -> list[dict]:
+    """``self_spec`` rows (one per (k in ``ks``, accepted length, density)) and, with ``want_ar``, the ``ar`` row,
+    over one set of target-only caches; the caches are freed before returning."""
+    ctx = len(ids)
+    n = target.config.num_hidden_layers
+    capacity = -(-(ctx + 2 * args.new_tokens + 2 * max(args.k) + 16) // 16) * 16
+    store = KVStore({"target": target}, capacity)
+    fwd = {"target": make_forward(target, compile=True)}
+    ar_floor_ms = 1e3 * tb.forward(ctx) / bw
+    rows = []
+    if want_ar:
+        res = run_engine(DecodeEngine(target, store, SparsePlan(), 0, fwd, graphs=True), ids, args.new_tokens)
+        rows.append(base | {"k": None, "accepted_length": None, "density": None, "method": "ar", **res,
+                            "floor_ms": ar_floor_ms, "bytes_bound_speedup_over_ar": 1.0})
+        print(f"ctx {ctx} ar: {res['tokens_per_second']:.1f} tok/s, step {res['step_ms']:.2f} ms", flush=True)
+    dense = args.self_dense_layers
+    for k in ks:
+        plan = self_plan(range(dense, n), [args.self_density[0]] * (n - dense))
+        eng = ForcedSelfAcceptance(target, store, plan, k, fwd, backend="triton", graphs=True,
+                                   record_launch=args.self_record_launch)
+        for acc, d in zip(args.self_accepted_length, args.self_density):
+            eng.accepted_length = acc
+            eng.sel_p.fill_(d)  # a device buffer the captured select phase reads: no recapture
+            res = run_engine(eng, ids, args.new_tokens)
+            kv = res["kv_read_all_layers"]
+            # per step: k drafting forwards (weights + the drafts' KV share) and one dense verification
+            floor_ms = 1e3 * (k * tb.forward(ctx, kv) + tb.forward(ctx)) / bw
+            rows.append(base | {"k": k, "accepted_length": acc, "density": d, "method": "self_spec", **res,
+                                "dense_layers": dense, "record_launch": args.self_record_launch,
+                                "floor_ms": floor_ms,
+                                "bytes_bound_speedup_over_ar": acc / floor_ms * ar_floor_ms})
+            print(f"ctx {ctx} self_spec k {k} acc {acc} density {d}: {res['tokens_per_second']:.1f} tok/s, step "
+                  f"{res['step_ms']:.2f} ms (floor {floor_ms:.2f}) KV read {kv:.3f} split {res['split_ms']}",
+                  flush=True)
+        del eng
+    del store, fwd
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", choices=sorted(PAIRS), default="llama2")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:4]),
+                    help="which methods to run (default: all but self_spec)")
     ap.add_argument("--k", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--accepted-length", type=float, nargs="+", default=[2.0, 3.0],
                     help="forced mean tokens per verification (random weights cannot show acceptance)")
     ap.add_argument("--density", type=float, nargs="+", default=[0.2, 0.4],
                     help="forced p on every sparse layer (random weights cannot show sparsity)")
+    ap.add_argument("--self-accepted-length", type=float, nargs="+", default=[3.0, 3.5],
+                    help="self_spec: forced mean tokens per step, paired with --self-density")
+    ap.add_argument("--self-density", type=float, nargs="+", default=[0.10, 0.05],
+                    help="self_spec: forced p of the drafts' sparse layers, paired with --self-accepted-length")
+    ap.add_argument("--self-dense-layers", type=int, default=2, help="self_spec: first layers drafting densely")
+    ap.add_argument("--self-record-launch", type=json.loads, default=None,
+                    help='self_spec: Triton launch of the recording verification attention, JSON, e.g. '
+                         '\'{"num_warps": 8, "num_stages": 3}\' (bench/self_record_sweep.py measures them)')
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline (debugging only)")
     ap.add_argument("--out", default="bench/e2e.json")
     args = ap.parse_args()
+    if len(args.self_accepted_length) != len(args.self_density):
+        ap.error("--self-accepted-length and --self-density are pairs: give them the same number of values")
+    want = set(args.methods) - ({"hf_compiled_ar"} if args.skip_hf else set())
+    spec = bool(want & {"spec_dense", "specattn"})  # the draft model and the runtime are needed
     t_cfg, d_cfg = PAIRS[args.pair]
     max_pos = max(args.contexts) + 4 * args.new_tokens + max(args.k) + 64
     torch.manual_seed(0)
-    target, draft = build(t_cfg, max_pos), build(d_cfg, max_pos)
-    n_t, n_d = target.config.num_hidden_layers, draft.config.num_hidden_layers
+    target = build(t_cfg, max_pos)
+    draft = build(d_cfg, max_pos) if spec else None
+    n_t = target.config.num_hidden_layers
     bw = copy_bandwidth("cuda")
-    tb, db = Bytes(target), Bytes(draft)
+    tb = Bytes(target)
+    db = Bytes(draft) if spec else None
     meta = {"pair": args.pair, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "copy_bandwidth_GBs": bw / 1e9, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "forced": "acceptance length and per-layer density are forced inputs (random weights)", **vars(args)}
@@ -223,41 +336,57 @@ def main() -> None:
         ids = torch.randint(0, t_cfg["vocab_size"], (1, ctx), device="cuda")
         ar_floor_ms = 1e3 * tb.forward(ctx) / bw
         base = {"pair": args.pair, "context": ctx}
-        rts = {"spec_dense": SpecAttnRuntime(artifact_for(n_t, n_d, 1.0), draft, target)}
-        for d in args.density:
-            rts[d] = SpecAttnRuntime(artifact_for(n_t, n_d, d), draft, target)
-        first = rts["spec_dense"]
-        for rt in rts.values():
-            rt.engine_class = ForcedAcceptance
-            rt.share_caches_with(first)
-        res = run_ours(first, ids, args.new_tokens, 0, 1.0)
-        rows.append(base | {"k": None, "accepted_length": None, "density": None, "method": "ar", **res,
-                            "floor_ms": ar_floor_ms, "bytes_bound_speedup_over_ar": 1.0})
-        for k in args.k:
-            for acc in args.accepted_length:
-                for key, rt in rts.items():
-                    res = run_ours(rt, ids, args.new_tokens, k, acc)
-                    kv = res["kv_read_all_layers"]
-                    floor_ms = 1e3 * (k * db.forward(ctx) + tb.forward(ctx, kv)) / bw  # k draft forwards
-                    rows.append(base | {"k": k, "accepted_length": acc, "density": None if key == "spec_dense" else key,
-                                        "method": "spec_dense" if key == "spec_dense" else "specattn", **res,
-                                        "floor_ms": floor_ms,
-                                        "bytes_bound_speedup_over_ar": acc / floor_ms * ar_floor_ms})
-                    print(f"ctx {ctx} k {k} acc {acc} {key}: {res['tokens_per_second']:.1f} tok/s, step "
-                          f"{res['step_ms']:.2f} ms (floor {floor_ms:.2f}) split {res['split_ms']}", flush=True)
-                save()
-        for rt in rts.values():
-            rt.release_caches()
-        if not args.skip_hf:
+        if spec:
+            n_d = draft.config.num_hidden_layers
+            rts = {"spec_dense": SpecAttnRuntime(artifact_for(n_t, n_d, 1.0), draft, target)}
+            if "specattn" in want:
+                for d in args.density:
+                    rts[d] = SpecAttnRuntime(artifact_for(n_t, n_d, d), draft, target)
+            first = rts["spec_dense"]
+            for rt in rts.values():
+                rt.engine_class = ForcedAcceptance
+                rt.share_caches_with(first)
+            if "ar" in want:
+                res = run_ours(first, ids, args.new_tokens, 0, 1.0)
+                rows.append(base | {"k": None, "accepted_length": None, "density": None, "method": "ar", **res,
+                                    "floor_ms": ar_floor_ms, "bytes_bound_speedup_over_ar": 1.0})
+            if "spec_dense" not in want:
+                rts.pop("spec_dense")
+            for k in args.k:
+                for acc in args.accepted_length:
+                    for key, rt in rts.items():
+                        res = run_ours(rt, ids, args.new_tokens, k, acc)
+                        kv = res["kv_read_all_layers"]
+                        floor_ms = 1e3 * (k * db.forward(ctx) + tb.forward(ctx, kv)) / bw  # k draft forwards
+                        rows.append(base | {"k": k, "accepted_length": acc,
+                                            "density": None if key == "spec_dense" else key,
+                                            "method": "spec_dense" if key == "spec_dense" else "specattn", **res,
+                                            "floor_ms": floor_ms,
+                                            "bytes_bound_speedup_over_ar": acc / floor_ms * ar_floor_ms})
+                        print(f"ctx {ctx} k {k} acc {acc} {key}: {res['tokens_per_second']:.1f} tok/s, step "
+                              f"{res['step_ms']:.2f} ms (floor {floor_ms:.2f}) split {res['split_ms']}", flush=True)
+                    save()
+            first.release_caches()
+            for rt in rts.values():
+                rt.release_caches()
+            del rts, first
+        if "self_spec" in want or ("ar" in want and not spec):
+            ks = args.k if "self_spec" in want else []
+            rows += self_spec_rows(target, ids[0].tolist(), args, ks, tb, bw, base, want_ar="ar" in want and not spec)
+            save()
+        if "hf_compiled_ar" in want:
             hf = hf_compiled_ar(target, ids, args.new_tokens)
             rows.append(base | {"k": None, "accepted_length": None, "density": None, "method": "hf_compiled_ar", **hf,
                                 "floor_ms": ar_floor_ms, "bytes_bound_speedup_over_ar": 1.0})
+            print(f"ctx {ctx} hf_compiled_ar: {hf['tokens_per_second']:.1f} tok/s", flush=True)
         hf_tps = next((r["tokens_per_second"] for r in rows if r["context"] == ctx and r["method"] == "hf_compiled_ar"),
                       None)
         for r in rows:
             if r["context"] == ctx:
                 r["speedup_over_hf"] = r["tokens_per_second"] / hf_tps if hf_tps else None
-                r["floor_fraction"] = r["floor_ms"] / r["step_ms"]
+                r["floor_fraction"] = r["floor_ms"] / r["step_ms"]  # its speed over its bytes-bound speed
+                # the share of its bytes-bound ratio over AR that its measured ratio over hf_compiled_ar reaches
+                r["bound_ratio_fraction"] = r["speedup_over_hf"] / r["bytes_bound_speedup_over_ar"] if hf_tps else None
         save()
         del ids
         gc.collect()

@@ -38,6 +38,7 @@ class ForwardContext:
     sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (idx [1, C], count [1])
     record: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [1, C] score row (+=)
     record_last_query: bool = False  # record the last query's attention only
+    launch: dict = field(default_factory=dict)  # Triton launch settings (num_warps, num_stages, ...): speed only
 
 
 _ACTIVE: list[ForwardContext] = []
@@ -73,7 +74,8 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
         idx, count = sel if sel is not None else (None, None)
         out = sparse_attention_triton(query, k_cache, v_cache, idx, count, chunk_size=ctx.chunk_size, scale=scale,
-                                      kv_lens=ctx.kv_len, record=rec, record_last_query=ctx.record_last_query)
+                                      kv_lens=ctx.kv_len, record=rec, record_last_query=ctx.record_last_query,
+                                      **ctx.launch)
     else:
         mask = indices_to_mask(*sel, n_chunks=sel[0].shape[1]) if sel is not None else None
         out = attention_with_lengths_reference(query, k_cache, v_cache, ctx.kv_len, mask,

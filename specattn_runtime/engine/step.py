@@ -135,24 +135,33 @@ class DecodeEngine:
         self.verify_ctx = ForwardContext(kv_t, self.verify_pos, self.verify_len, c, backend,
                                          sparse={j: (self.idx[r : r + 1], self.count[r : r + 1])
                                                  for r, j in enumerate(plan.sparse_layers)})
-        self.draft_ctx = []
-        if k:
-            kv_d = store.kv["draft"]
-            rows = {i: self.scores[r : r + 1] for r, i in enumerate(rec)}
-            self.draft_ctx = [ForwardContext(kv_d, self.draft_pos[0:2], self.draft_lens[1:2], c, backend, record=rows,
-                                             record_last_query=True)]
-            self.draft_ctx += [ForwardContext(kv_d, self.draft_pos[s + 1 : s + 2], self.draft_lens[s + 1 : s + 2], c,
-                                              backend, record=rows) for s in range(1, k)]
-        self.phases = {"draft": self._draft, "select": self._select, "verify": self._verify,
-                       "accept": self._accept_phase} if k else {"verify": self._decode}
-        if not plan.sparse_layers:
-            self.phases.pop("select", None)
+        self.draft_ctx = self._draft_contexts() if k else []
+        self.phases = self._phase_table()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
         self.times = StepTimes()
         if self.graphs_enabled:
             self._events = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.phases) + 1)]
             self._done = torch.cuda.Event()
+
+    def _draft_contexts(self) -> list[ForwardContext]:
+        """What each of the ``k`` draft forwards' attention reads and records (subclasses draft differently)."""
+        c, backend = self.plan.chunk_size, self.backend
+        kv_d = self.store.kv["draft"]
+        rows = {i: self.scores[r : r + 1] for r, i in enumerate(self.plan.record_layers)}
+        ctx = [ForwardContext(kv_d, self.draft_pos[0:2], self.draft_lens[1:2], c, backend, record=rows,
+                              record_last_query=True)]
+        return ctx + [ForwardContext(kv_d, self.draft_pos[s + 1 : s + 2], self.draft_lens[s + 1 : s + 2], c, backend,
+                                     record=rows) for s in range(1, self.k)]
+
+    def _phase_table(self) -> dict:
+        """Phase name -> function, in replay order."""
+        if not self.k:
+            return {"verify": self._decode}
+        phases = {"draft": self._draft, "select": self._select, "verify": self._verify, "accept": self._accept_phase}
+        if not self.plan.sparse_layers:
+            phases.pop("select")
+        return phases
 
     # -- phases (each a static-shape function of the buffers above) --------------------------------------------
 
@@ -180,10 +189,15 @@ class DecodeEngine:
             ids, pos = self.drafted[s : s + 1].view(1, 1), self.draft_pos[s + 2 : s + 3].view(-1, 1)
 
     def _select(self) -> None:
+        c = self.plan.chunk_size  # every chunk holding a verified position is kept
+        self._select_top_p(self.L + self.k + 1, self.L // c)
+
+    def _select_top_p(self, n_keys: torch.Tensor, recent_start: torch.Tensor) -> None:
+        """Top-p over the score rows into ``idx`` / ``count``: chunks below ``ceil(n_keys / c)``, every chunk from
+        ``recent_start`` on forced (both int64 ``[1]`` device tensors)."""
         c = self.plan.chunk_size
-        n_keys = self.L + self.k + 1
         self.n_valid.copy_(((n_keys + c - 1) // c).expand_as(self.n_valid))
-        self.recent_start.copy_((self.L // c).expand_as(self.recent_start))  # chunks of the verified positions
+        self.recent_start.copy_(recent_start.expand_as(self.recent_start))
         rows = self.scores.index_select(0, self.score_rows)
         if self.backend == "triton":
             from ..selection.triton_select import topp_select_triton
