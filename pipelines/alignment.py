@@ -68,3 +68,16 @@ def _prefix_min(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def map_cost(kl: torch.Tensor, layer_map: list[int]) -> float:
     """Summed ``KL[j, map[j]]`` over the sparse (mapped) layers."""
     return float(sum(kl[j, i].double() for j, i in enumerate(layer_map) if i >= 0))
+
+
+def align_heads(kl_heads: torch.Tensor) -> list[int]:
+    """Per target KV head, the draft KV head whose chunk-pooled attention is closest: ``argmin`` of each row of
+    ``kl_heads`` ``[Hkv_target, Hkv_draft]`` (``KL(target head || draft head)`` within one aligned layer pair; the
+    first among ties). Heads are assigned independently: two target heads may follow the same draft head, since
+    each only needs a good guide, and the draft records every head it is asked for once."""
+    if kl_heads.ndim != 2 or 0 in kl_heads.shape:
+        raise ValueError(f"kl_heads must be a non-empty [target heads, draft heads] matrix, got "
+                         f"{tuple(kl_heads.shape)}")
+    if not torch.isfinite(kl_heads).all():
+        raise ValueError("kl_heads has NaN or infinite entries; check the attention statistics")
+    return kl_heads.argmin(dim=1).tolist()

@@ -48,7 +48,8 @@ def recording_model(model_dir: str, role: str = "model"):
 
 @torch.no_grad()
 def collect_pooled_attention(model_dir: str | Path, windows: torch.Tensor, positions: torch.Tensor,
-                             chunk_size: int, *, role: str = "model", progress: bool = True) -> torch.Tensor:
+                             chunk_size: int, *, role: str = "model", progress: bool = True,
+                             per_kv_head: bool = False):
     """Run ``model_dir`` over every window and return pooled attention rows.
 
     Parameters
@@ -57,20 +58,30 @@ def collect_pooled_attention(model_dir: str | Path, windows: torch.Tensor, posit
         int64 ``[n_windows, T]`` token ids.
     positions : torch.Tensor
         int64 ``[Q]`` query positions to keep.
+    per_kv_head : bool
+        Also return the rows of each KV head (its group of query heads averaged).
 
     Returns
     -------
     torch.Tensor
         float32 ``[n_layers, n_windows * Q, n_chunks(T)]``; row ``w * Q + q`` is window ``w``, position ``q``.
+        With ``per_kv_head``: ``(rows, rows_kv)``, ``rows_kv`` float32 ``[n_layers, Hkv, n_windows * Q, C]``.
     """
     model = recording_model(str(model_dir), role)
     n_layers = model.config.num_hidden_layers
-    out = torch.zeros(n_layers, windows.shape[0], positions.numel(), num_chunks(windows.shape[1], chunk_size))
+    c = num_chunks(windows.shape[1], chunk_size)
+    out = torch.zeros(n_layers, windows.shape[0], positions.numel(), c)
+    hkv = model.config.num_key_value_heads
+    out_kv = torch.zeros(n_layers, hkv, windows.shape[0], positions.numel(), c) if per_kv_head else None
     dev = next(model.parameters()).device
     for w in tqdm(range(windows.shape[0]), desc=f"attention ({role})", disable=not progress, unit="window"):
-        rec = capture.AttentionRecorder(positions.to(dev), chunk_size)
+        rec = capture.AttentionRecorder(positions.to(dev), chunk_size, per_kv_head=per_kv_head)
         model(windows[w : w + 1].to(dev), specattn_recorder=rec, use_cache=False, logits_to_keep=1)
         out[:, w] = rec.stacked(n_layers)[:, 0].cpu()
+        if per_kv_head:
+            out_kv[:, :, w] = torch.stack([rec.rows_kv[i][0] for i in range(n_layers)]).cpu()
+    if per_kv_head:
+        return out.flatten(1, 2), out_kv.flatten(2, 3)
     return out.flatten(1, 2)
 
 

@@ -13,18 +13,21 @@ import torch
 from specattn_runtime.pooling import num_chunks
 
 
-def _own_chunk(n_queries: int, chunk_size: int, device) -> torch.Tensor:
-    return torch.arange(n_queries, device=device) // chunk_size  # [T]
+def _own_chunk(n_queries: int, chunk_size: int, device, n_keys: int | None = None) -> torch.Tensor:
+    """Chunk of each query's own position, the queries being the last ``n_queries`` of ``n_keys`` positions."""
+    first = 0 if n_keys is None else n_keys - n_queries
+    return (first + torch.arange(n_queries, device=device)) // chunk_size  # [T]
 
 
-def streaming_mask(budget: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def streaming_mask(budget: torch.Tensor, chunk_size: int, n_keys: int | None = None) -> torch.Tensor:
     """StreamingLLM (attention sink + recent window): chunk 0 plus the ``budget - 1`` newest chunks (own included).
 
-    ``budget`` int64 ``[T]``; returns bool ``[T, C]`` with ``C = ceil(T / chunk_size)``.
+    ``budget`` int64 ``[T]``; returns bool ``[T, C]`` with ``C = ceil(T / chunk_size)``. With ``n_keys``, the ``T``
+    queries are the last of ``n_keys`` positions and ``C = ceil(n_keys / chunk_size)``.
     """
     t = budget.numel()
-    own = _own_chunk(t, chunk_size, budget.device)[:, None]
-    c = torch.arange(num_chunks(t, chunk_size), device=budget.device)[None, :]
+    own = _own_chunk(t, chunk_size, budget.device, n_keys)[:, None]
+    c = torch.arange(num_chunks(n_keys or t, chunk_size), device=budget.device)[None, :]
     b = budget[:, None]
     # the sink takes one of the budget when there are two or more; a budget of one reads the own chunk only
     n_recent = torch.where(b >= 2, b - 1, 1)
@@ -51,17 +54,17 @@ def quest_mask(query: torch.Tensor, key: torch.Tensor, budget: torch.Tensor, chu
     Parameters
     ----------
     query : torch.Tensor
-        ``[H, T, D]`` (RoPE applied, as attention sees it).
+        ``[H, T, D]`` (RoPE applied, as attention sees it): the last ``T`` of the ``Tk`` key positions.
     key : torch.Tensor
-        ``[Hkv, T, D]``; ``H`` is a multiple of ``Hkv`` (GQA heads share their group's keys).
+        ``[Hkv, Tk, D]``; ``H`` is a multiple of ``Hkv`` (GQA heads share their group's keys).
     budget : torch.Tensor
         int64 ``[T]`` chunks per query.
 
     Returns
     -------
     torch.Tensor
-        bool ``[H, T, C]``; bounds tied with the cut are all kept (real-valued bounds rarely tie; the evaluation
-        counts the keys actually read, so a tie never hides extra reads).
+        bool ``[H, T, C]`` with ``C = ceil(Tk / chunk_size)``; bounds tied with the cut are all kept (real-valued
+        bounds rarely tie; the evaluation counts the keys actually read, so a tie never hides extra reads).
     """
     h, t, _ = query.shape
     lo, hi = chunk_key_bounds(key, chunk_size)
@@ -69,7 +72,7 @@ def quest_mask(query: torch.Tensor, key: torch.Tensor, budget: torch.Tensor, chu
     lo, hi = lo.repeat_interleave(rep, 0), hi.repeat_interleave(rep, 0)  # [H, C, D]
     q = query.float()
     bound = q.clamp_min(0) @ hi.transpose(1, 2) + q.clamp_max(0) @ lo.transpose(1, 2)  # [H, T, C]
-    own = _own_chunk(t, chunk_size, query.device)[:, None]
+    own = _own_chunk(t, chunk_size, query.device, key.shape[1])[:, None]
     c = torch.arange(bound.shape[-1], device=query.device)[None, :]
     bound = bound.masked_fill(c > own, float("-inf")).masked_fill(c == own, float("inf"))
     # the budget-th largest bound per (head, query) is the cut; one sort, no rank inversion

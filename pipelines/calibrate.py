@@ -31,16 +31,36 @@ from .collect import (ROLES, SPLITS, check_cluster_params, collect_attention, pa
 from .evaluate import holdout_perplexity
 from .presets import check_pair, resolve_pair
 
+MODES = ("draft", "self")
+
 
 def check_params(preset: str | None = "quick", draft: str | None = None, target: str | None = None,
                  corpus: str | None = None, chunk_size: int = 16, recall_budget: float = 0.95,
                  global_p: float | None = None, window_tokens: int = 1024, num_windows: int = 16,
                  holdout_windows: int = 4, queries_per_window: int = 64, dense_layers: int = 2,
                  dask_address: str | None = None, workers: int = 0, windows_per_shard: int = 8,
-                 dask_resources: dict | None = None, **_) -> None:
+                 dask_resources: dict | None = None, mode: str = "draft", draft_k: int = 4, **_) -> None:
     """The flow's parameters, checked without a Prefect server or a model: the flow calls it first, and
     ``python -m pipelines.calibrate`` calls it before it starts the flow (a typo costs no server start-up)."""
-    check_pair(preset, draft, target)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "self":
+        if draft:
+            raise ValueError("mode 'self' calibrates one model that drafts for itself: pass target= (or a preset), "
+                             "not draft=")
+        if target:
+            check_pair(None, target, target)
+        else:
+            check_pair(preset, None, None)
+        if dask_address or workers:
+            raise ValueError("mode 'self' runs in this process: dask_address and workers are for mode 'draft'")
+        if draft_k < 1:
+            raise ValueError(f"draft_k (tokens drafted per verification) must be >= 1, got {draft_k}")
+        from .self_tuning import region_size
+
+        region_size(window_tokens, queries_per_window, draft_k)
+    else:
+        check_pair(preset, draft, target)
     if corpus is not None and not Path(corpus).expanduser().exists():
         raise FileNotFoundError(f"corpus {corpus} does not exist (a .txt file or a directory of them)")
     if chunk_size <= 0:
@@ -109,8 +129,11 @@ def calibrate(
     workers: int = 0,
     windows_per_shard: int = 8,
     dask_resources: dict[str, float] | None = None,
+    mode: str = "draft",
+    draft_k: int = 4,
 ) -> str:
-    """Calibrate a draft/target pair; return the path of the artifact written (or reused).
+    """Calibrate a draft/target pair (or, ``mode="self"``, one model); return the path of the artifact written
+    (or reused).
 
     Parameters
     ----------
@@ -143,12 +166,25 @@ def calibrate(
         Calibration windows per attention shard (one task, one model load per worker).
     dask_resources : dict, optional
         Dask worker resources each model pass needs, e.g. ``{"GPU": 1}`` to run them on GPU workers only.
+    mode : str
+        ``"draft"`` (draft-guided sparse verification) or ``"self"``: the target (``target`` or the preset's)
+        drafts for itself; its per-layer budgets maximise accepted tokens per KV read, measured teacher-forced
+        (:mod:`pipelines.calibrate_self`; ``recall_budget`` and the Dask options do not apply). Artifacts go to
+        ``<output_dir>/<preset or model>-self/``.
+    draft_k : int
+        Mode ``self``: tokens drafted per verification the budgets are tuned for.
     """
     log = get_run_logger()
     check_params(preset, draft, target, corpus, chunk_size, recall_budget, global_p, window_tokens, num_windows,
                  holdout_windows, queries_per_window, dense_layers, dask_address, workers, windows_per_shard,
-                 dask_resources)
+                 dask_resources, mode, draft_k)
     out_root = _writable_dir(output_dir)
+    if mode == "self":
+        from .calibrate_self import calibrate_self
+
+        return calibrate_self(preset, target, corpus, window_tokens, num_windows, holdout_windows,
+                              queries_per_window, chunk_size, dense_layers, global_p, draft_k, out_root,
+                              skip_if_unchanged)
     work_dir = str(out_root / ".work")
     timings: dict[str, float] = {}
 
@@ -192,15 +228,26 @@ def calibrate(
                   layer_map, recall_budget, global_p, chunk_size)
     holdout = timed("evaluate", T.evaluate_holdout, rows["target", "holdout"], rows["draft", "holdout"], layer_map,
                     tuned["top_p"], chunk_size)
+    # Per-KV-head selection: each target KV head follows the closest head of its aligned draft layer, with its
+    # own p (the artifact carries both; the runtime selects per head where its backend can read that).
+    heads = timed("align_heads", T.align_kv_heads, rows["target", "calibration"], rows["draft", "calibration"],
+                  layer_map)
+    tuned_h = timed("tune_top_p", T.tune_top_p_heads, rows["target", "calibration"], rows["draft", "calibration"],
+                    layer_map, heads["head_map"], recall_budget, global_p, chunk_size)
+    holdout_h = timed("evaluate", T.evaluate_holdout_heads, rows["target", "holdout"], rows["draft", "holdout"],
+                      layer_map, heads["head_map"], tuned_h["top_p"], chunk_size)
     # Recall is the tuning objective; perplexity (teacher-forced sparse passes on the holdout) is the check.
     holdout |= timed("evaluate", holdout_perplexity, draft_dir, target_dir, corpus_info["path"], layer_map,
-                     tuned["top_p"], chunk_size)
+                     tuned["top_p"], chunk_size, head_map=heads["head_map"], top_p_head=tuned_h["top_p"])
+    holdout["per_head"] = {k: v for k, v in holdout_h.items() if not k.endswith("per_layer")}
 
     t0 = time.perf_counter()
     art = Artifact(
         layer_map=torch.tensor(layer_map, dtype=torch.int32),
         top_p=torch.tensor(tuned["top_p"], dtype=torch.float32),
         kl=torch.tensor(kl, dtype=torch.float32),
+        head_map=torch.tensor(heads["head_map"], dtype=torch.int32),
+        top_p_head=torch.tensor(tuned_h["top_p"], dtype=torch.float32),
         metadata={
             "format": FORMAT, "schema_version": str(SCHEMA_VERSION), "mode": "draft",
             "chunk_size": str(chunk_size), "dense_layers": str(dense_layers),
@@ -215,6 +262,7 @@ def calibrate(
             "objective": json.dumps({"kind": "global_p" if global_p is not None else "target_mass_recall",
                                      "recall_budget": recall_budget, "global_p": global_p,
                                      "queries_per_window": queries_per_window, "alignment_cost": aligned["cost"],
+                                     "head_alignment_cost": heads["cost"],
                                      "calibration_recall": tuned["recall"],
                                      "calibration_kv_fraction": tuned["kv_fraction"]}),
             "holdout_quality": json.dumps(holdout),
@@ -228,6 +276,8 @@ def calibrate(
             "kv_fraction": torch.tensor(tuned["curves"]["kv_fraction"]),
             "holdout_recall": torch.tensor(holdout["recall_per_layer"]),
             "holdout_kv_fraction": torch.tensor(holdout["kv_fraction_per_layer"]),
+            "holdout_recall_head": torch.tensor(holdout_h["recall_per_layer"]),
+            "holdout_kv_fraction_head": torch.tensor(holdout_h["kv_fraction_per_layer"]),
         },
     )
     pair_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +307,10 @@ def _publish(pair: str, path: Path, layer_map: list[int], tuned: dict, holdout: 
           f"- holdout recall of target attention mass: mean {holdout['mean_recall_sparse_layers']:.4f}, "
           f"min {holdout['min_recall_sparse_layers']:.4f}",
           f"- holdout perplexity: dense {holdout['perplexity_dense']:.3f}, sparse {holdout['perplexity_sparse']:.3f} "
-          f"({holdout['perplexity_increase']:+.2%})", "",
+          f"({holdout['perplexity_increase']:+.2%})",
+          f"- per-KV-head selection: KV reduction {holdout['per_head']['kv_reduction_all_layers']:.1%} of all layers, "
+          f"recall {holdout['per_head']['mean_recall_sparse_layers']:.4f}, perplexity "
+          f"{holdout['perplexity_sparse_head']:.3f} ({holdout['perplexity_increase_head']:+.2%})", "",
           "| step | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in timings.items()]]
     create_markdown_artifact("\n".join(md), key="specattn-calibration", description=f"Calibration of {pair}")
     print("\n".join(md))
@@ -266,6 +319,9 @@ def _publish(pair: str, path: Path, layer_map: list[int], tuned: dict, holdout: 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipelines.calibrate", description="Run the calibrate flow once.")
     ap.add_argument("--preset", default="quick")
+    ap.add_argument("--mode", choices=MODES, help="draft (default): a draft/target pair; self: the target drafts "
+                    "for itself")
+    ap.add_argument("--draft-k", type=int, help="mode self: tokens drafted per verification (default 4)")
     ap.add_argument("--draft")
     ap.add_argument("--target")
     ap.add_argument("--corpus")

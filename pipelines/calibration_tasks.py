@@ -21,7 +21,7 @@ from specattn_runtime.fingerprint import model_fingerprint, tokenizer_hash
 from specattn_runtime.models import check_model_dir, load_tokenizer, num_layers
 
 from . import assets
-from .alignment import align_layers, map_cost
+from .alignment import align_heads, align_layers, map_cost
 from .attention_stats import collect_pooled_attention, kl_matrix, query_positions, valid_chunks
 from .corpus import split_documents, text_files, wiki_articles, windows_from_token_lists
 from .topp_tuning import LayerRows, recall_and_kv, recall_curves, tune_p
@@ -117,8 +117,9 @@ def collect_attention_shard(model: dict, windows_path: str, windows_sha: str, sp
     path = Path(work_dir) / f"attn-{role}-{split}-{start}-{stop}-{key}.safetensors"
     windows = load_file(windows_path)[split][start:stop]
     pos = query_positions(windows.shape[1], queries_per_window)
-    rows = collect_pooled_attention(model["path"], windows, pos, chunk_size, role=f"{role}/{split}", progress=False)
-    _atomic_save({"rows": rows}, path)
+    rows, rows_kv = collect_pooled_attention(model["path"], windows, pos, chunk_size, role=f"{role}/{split}",
+                                             progress=False, per_kv_head=True)
+    _atomic_save({"rows": rows, "rows_kv": rows_kv}, path)
     return str(path)
 
 
@@ -126,11 +127,13 @@ def collect_attention_shard(model: dict, windows_path: str, windows_sha: str, sp
 def merge_shards(shards: list[str], windows_path: str, split: str, queries_per_window: int, chunk_size: int,
                  role: str, work_dir: str) -> str:
     """One model's rows on one split, the shards concatenated in window order (the file the later steps read)."""
-    rows = torch.cat([load_file(p)["rows"] for p in shards], dim=1)
+    parts = [load_file(p) for p in shards]
+    rows = torch.cat([f["rows"] for f in parts], dim=1)
+    rows_kv = torch.cat([f["rows_kv"] for f in parts], dim=2)
     windows = load_file(windows_path)[split]
     pos = query_positions(windows.shape[1], queries_per_window)
     path = Path(work_dir) / f"attn-{role}-{split}-{_key(shards)}.safetensors"
-    _atomic_save({"rows": rows, "n_keys": (pos + 1).repeat(windows.shape[0]),
+    _atomic_save({"rows": rows, "rows_kv": rows_kv, "n_keys": (pos + 1).repeat(windows.shape[0]),
                   "n_valid": valid_chunks(pos, chunk_size).repeat(windows.shape[0])}, path)
     return str(path)
 
@@ -176,6 +179,65 @@ def tune_top_p(target_rows: str, draft_rows: str, layer_map: list[int], recall_b
 
 
 @task
+def align_kv_heads(target_rows: str, draft_rows: str, layer_map: list[int]) -> dict:
+    """Per sparse target layer, the draft KV head (of its aligned draft layer) guiding each target KV head, by KL
+    of their per-head chunk-pooled attention; ``-1`` rows for dense layers."""
+    t, d = load_file(target_rows), load_file(draft_rows)
+    hkv = t["rows_kv"].shape[1]
+    head_map, cost = [], 0.0
+    for j, i in enumerate(layer_map):
+        if i < 0:
+            head_map.append([-1] * hkv)
+            continue
+        kl = kl_matrix(t["rows_kv"][j], d["rows_kv"][i], t["n_valid"])  # [Hkv_t, Hkv_d]
+        heads = align_heads(kl)
+        head_map.append(heads)
+        cost += float(sum(kl[g, h] for g, h in enumerate(heads)))
+    return {"head_map": head_map, "cost": cost}
+
+
+def _head_rows(target_rows: str, draft_rows: str, layer_map: list[int], head_map: list[list[int]]):
+    """``[layer][target KV head] -> LayerRows`` (``None`` for dense layers)."""
+    t, d = load_file(target_rows), load_file(draft_rows)
+    return [None if i < 0 else [LayerRows(d["rows_kv"][i][h], t["rows_kv"][j][g], t["n_valid"], t["n_keys"])
+                                for g, h in enumerate(head_map[j])]
+            for j, i in enumerate(layer_map)]
+
+
+@task
+def tune_top_p_heads(target_rows: str, draft_rows: str, layer_map: list[int], head_map: list[list[int]],
+                     recall_budget: float, global_p: float | None, chunk_size: int) -> dict:
+    """Per (layer, KV head) p: the smallest whose selection on the mapped draft head keeps ``recall_budget`` of the
+    target head's attention (or ``global_p`` everywhere); the per-head recall and KV read at it."""
+    top_p, recall, kv = [], [], []
+    for heads in _head_rows(target_rows, draft_rows, layer_map, head_map):
+        hkv = len(head_map[0])
+        if heads is None:
+            top_p.append([1.0] * hkv)
+            recall.append([1.0] * hkv)
+            kv.append([1.0] * hkv)
+            continue
+        tuned = [(global_p, *recall_and_kv(r, global_p, chunk_size)) if global_p is not None else
+                 tune_p(r, recall_budget, chunk_size) for r in heads]
+        top_p.append([x[0] for x in tuned])
+        recall.append([x[1] for x in tuned])
+        kv.append([x[2] for x in tuned])
+    return {"top_p": top_p, "recall": recall, "kv_fraction": kv}
+
+
+@task
+def evaluate_holdout_heads(target_rows: str, draft_rows: str, layer_map: list[int], head_map: list[list[int]],
+                           top_p_head: list[list[float]], chunk_size: int) -> dict:
+    """Per-head selection on held-out text: recall and KV read per layer (means over its KV heads)."""
+    recall, kv = [], []
+    for heads, ps in zip(_head_rows(target_rows, draft_rows, layer_map, head_map), top_p_head):
+        stats = [(1.0, 1.0)] if heads is None else [recall_and_kv(r, p, chunk_size) for r, p in zip(heads, ps)]
+        recall.append(sum(s[0] for s in stats) / len(stats))
+        kv.append(sum(s[1] for s in stats) / len(stats))
+    return _holdout_summary(recall, kv, layer_map)
+
+
+@task
 def evaluate_holdout(target_rows: str, draft_rows: str, layer_map: list[int], top_p: list[float],
                      chunk_size: int) -> dict:
     """Recall and KV read on held-out text with the tuned thresholds (what the runtime would do)."""
@@ -184,6 +246,10 @@ def evaluate_holdout(target_rows: str, draft_rows: str, layer_map: list[int], to
         rc, k = (1.0, 1.0) if r is None else recall_and_kv(r, p, chunk_size)
         recall.append(rc)
         kv.append(k)
+    return _holdout_summary(recall, kv, layer_map)
+
+
+def _holdout_summary(recall: list[float], kv: list[float], layer_map: list[int]) -> dict:
     sparse = [j for j, i in enumerate(layer_map) if i >= 0]
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {

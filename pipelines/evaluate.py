@@ -42,7 +42,7 @@ from . import quality_report, sparse_eval
 from .collect import annotate, check_cluster_params, parse_resources, task_runner, wait_with_progress
 from .eval_text import book_windows, load_books
 from .presets import check_pair, resolve_pair
-from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, Method
+from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, GROUP_HEAD_CALIBRATED, GROUP_HEAD_GLOBAL, Method
 
 DEFAULT_GLOBAL_P = (0.95, 0.97, 0.99)
 DEFAULT_CURVE_BUDGETS = (0.85, 0.98)
@@ -99,9 +99,33 @@ def build_methods(art: Artifact, global_p: tuple[float, ...], curve_budgets: tup
                         Method(head, "oracle_head", top_p, group="Oracle top-p per KV head", x=b, in_table=True),
                         Method(f"quest-head-cal-r{b:g}", "quest", match=head, group="Quest at per-head oracle KV",
                                x=b, in_table=True)]
+    if art.per_head:  # the per-head curve only in full runs (a pass per p and text)
+        methods += per_head_methods(art, own_budget, () if quick else global_p)
     sweep = sorted(set(global_p) | (set() if quick else {0.9}))
     methods += [Method(f"specattn-p{p:g}", "specattn", dense_p(p), group=GROUP_GLOBAL, x=p, in_table=p in global_p)
                 for p in (global_p if quick else sweep)]
+    return methods
+
+
+def per_head_methods(art: Artifact, own_budget: float, global_p: tuple[float, ...]) -> list[Method]:
+    """Per-KV-head SpecAttn at the artifact's per-head p (a table row, with Quest and StreamingLLM at its chunk
+    counts) and at each global p (its curve)."""
+    head_map = tuple(map(tuple, art.head_map.tolist()))
+    dense = art.layer_map == -1
+    cal = f"specattn-head-cal-r{own_budget:g}"
+    methods = [
+        Method(cal, "specattn_head", head_map=head_map, top_p_head=tuple(map(tuple, art.top_p_head.tolist())),
+               group=GROUP_HEAD_CALIBRATED, x=own_budget, in_table=True),
+        Method(f"quest-head-spec-r{own_budget:g}", "quest", match=cal, group="Quest at per-head SpecAttn KV",
+               x=own_budget, in_table=True),
+        Method(f"streaming-head-spec-r{own_budget:g}", "streaming", match=cal,
+               group="StreamingLLM at per-head SpecAttn KV", x=own_budget, in_table=True),
+    ]
+    for p in global_p:
+        uniform = torch.where(dense[:, None], 1.0, float(p)).expand_as(art.top_p_head)
+        methods.append(Method(f"specattn-head-p{p:g}", "specattn_head", head_map=head_map,
+                              top_p_head=tuple(map(tuple, uniform.tolist())), group=GROUP_HEAD_GLOBAL,
+                              x=p, in_table=True))
     return methods
 
 
@@ -163,17 +187,27 @@ def evaluate_sharded(draft_dir: str, target_dir: str, windows: torch.Tensor, lay
 
 @task
 def holdout_perplexity(draft_dir: str, target_dir: str, windows_path: str, layer_map: list[int],
-                       top_p: list[float], chunk_size: int, prefill_fraction: float = 0.1) -> dict:
-    """Dense vs calibrated SpecAttn perplexity on the calibration holdout (what ``calibrate`` records)."""
+                       top_p: list[float], chunk_size: int, prefill_fraction: float = 0.1,
+                       head_map: list[list[int]] | None = None, top_p_head: list[list[float]] | None = None) -> dict:
+    """Dense vs calibrated SpecAttn perplexity on the calibration holdout (what ``calibrate`` records); with a
+    head map, per-head selection too (keys ending in ``_head``)."""
     from safetensors.torch import load_file
 
     windows = load_file(windows_path)["holdout"]
     methods = [Method("dense", "dense"), Method("specattn", "specattn", tuple(top_p))]
+    if head_map is not None:
+        methods.append(Method("specattn_head", "specattn_head", head_map=tuple(map(tuple, head_map)),
+                              top_p_head=tuple(map(tuple, top_p_head))))
     rows = run_methods(draft_dir, target_dir, windows, layer_map, methods, chunk_size, prefill_fraction,
                        progress=False)
-    return {"perplexity_dense": rows["dense"]["perplexity"], "perplexity_sparse": rows["specattn"]["perplexity"],
-            "perplexity_increase": rows["specattn"]["perplexity_increase"],
-            "ppl_kv_reduction_all_layers": rows["specattn"]["kv_reduction_all_layers"]}
+    out = {"perplexity_dense": rows["dense"]["perplexity"], "perplexity_sparse": rows["specattn"]["perplexity"],
+           "perplexity_increase": rows["specattn"]["perplexity_increase"],
+           "ppl_kv_reduction_all_layers": rows["specattn"]["kv_reduction_all_layers"]}
+    if head_map is not None:
+        out |= {"perplexity_sparse_head": rows["specattn_head"]["perplexity"],
+                "perplexity_increase_head": rows["specattn_head"]["perplexity_increase"],
+                "ppl_kv_reduction_all_layers_head": rows["specattn_head"]["kv_reduction_all_layers"]}
+    return out
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -201,6 +235,10 @@ def check_params(artifact: str = "artifacts/quick/latest.safetensors", preset: s
         raise FileNotFoundError(f"text {text} does not exist (a .txt book or a directory of them)")
     check_pair(preset, draft, target)
     art = load_artifact(Path(artifact).expanduser())
+    if art.metadata["mode"] != "draft":
+        raise ValueError(f"{artifact} is a mode {art.metadata['mode']!r} artifact: this flow evaluates draft-guided "
+                         "sparse verification (perplexity); self-speculation is lossless and is measured by "
+                         "acceptance: python bench/self_spec_quality.py")
     if text_tokens < 2 * art.chunk_size or math.ceil(prefill_fraction * text_tokens) >= text_tokens - 1:
         raise ValueError(f"text_tokens={text_tokens} is too short: it must hold two chunks of {art.chunk_size} "
                          "and leave decode steps after the prefill")

@@ -69,10 +69,14 @@ def _check_attention(model_dir: str) -> None:
     check_supported(config, variants=True)
 
 
+def model_folder_name(model_dir: str) -> str:
+    """A model directory's name reduced to a safe folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_dir).expanduser().resolve().name).strip(".-") or "model"
+
+
 def custom_pair_name(draft: str, target: str) -> str:
     """``<draft dir name>__<target dir name>``, reduced to a safe folder name (never a preset's name)."""
-    name = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", Path(p).expanduser().resolve().name).strip(".-") or "model"
-                     for p in (draft, target))
+    name = "__".join(model_folder_name(p) for p in (draft, target))
     return name if name not in PAIRS else f"custom-{name}"
 
 

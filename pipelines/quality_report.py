@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .sparse_eval import GROUP_GLOBAL
+from .sparse_eval import GROUP_GLOBAL, GROUP_HEAD_GLOBAL
 
-_KIND_ORDER = {"dense": 0, "streaming": 1, "quest": 2, "oracle": 3, "oracle_head": 3, "specattn": 4}
+_KIND_ORDER = {"dense": 0, "streaming": 1, "quest": 2, "oracle": 3, "oracle_head": 3, "specattn": 4,
+               "specattn_head": 5}
 
 
 _NAMES = {"dense": "Dense", "streaming": "StreamingLLM (sink + recent)", "quest": "Quest (min/max key bounds)",
@@ -20,6 +21,10 @@ _NAMES = {"dense": "Dense", "streaming": "StreamingLLM (sink + recent)", "quest"
 
 def describe(row: dict) -> str:
     """Human-readable method name, e.g. ``SpecAttn, global p = 0.95``."""
+    if row["kind"] == "specattn_head":
+        if row["group"] == GROUP_HEAD_GLOBAL:
+            return f"SpecAttn per KV head, global p = {row['x']:g}"
+        return f"SpecAttn per KV head, calibrated per-head p (recall >= {row['x']:g})"
     if row["kind"] != "specattn":
         return _NAMES[row["kind"]]
     if row["group"] == GROUP_GLOBAL:
@@ -30,7 +35,8 @@ def describe(row: dict) -> str:
 def table_rows(methods: dict[str, dict]) -> list[dict]:
     """Headline rows in the paper's order: dense, baselines, oracle, SpecAttn global p, SpecAttn calibrated."""
     rows = [dict(name=name, **r) for name, r in methods.items() if r.get("in_table")]
-    rows.sort(key=lambda r: (_KIND_ORDER[r["kind"]], r["group"] != GROUP_GLOBAL, r["x"] or 0))
+    rows.sort(key=lambda r: (_KIND_ORDER[r["kind"]], r["group"] not in (GROUP_GLOBAL, GROUP_HEAD_GLOBAL),
+                             r["x"] or 0))
     return [{"method": describe(r), "budget": _budget(r), "perplexity": round(r["perplexity"], 3),
              "ppl_increase_pct": round(100 * r["perplexity_increase"], 2),
              "kv_reduction_sparse_pct": round(100 * r["kv_reduction_sparse_layers"], 1),
@@ -43,7 +49,7 @@ def _budget(r: dict) -> str:
         return "-"
     if r["kind"] in ("streaming", "quest"):
         return f"= chunks of {r['match']}"
-    return f"p = {r['x']:g}" if r["group"] == GROUP_GLOBAL else f"recall >= {r['x']:g}"
+    return f"p = {r['x']:g}" if r["group"] in (GROUP_GLOBAL, GROUP_HEAD_GLOBAL) else f"recall >= {r['x']:g}"
 
 
 def markdown_table(methods: dict[str, dict]) -> str:

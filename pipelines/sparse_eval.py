@@ -9,6 +9,8 @@ decoding token by token (``tests/test_sparse_eval.py`` checks this against the r
 Methods select chunks per (layer, query):
 
 - ``specattn``: top-p on the draft's attention row at ``t`` (layer map and p per layer, as at run time);
+- ``specattn_head``: per target KV head, top-p (its own p) on the attention row of the draft KV head the head map
+  assigns it (one chunk set per KV head, as the runtime selects with a per-head artifact);
 - ``oracle``: top-p on the target's own dense attention row (what a perfect draft would give);
 - ``oracle_head``: the same per KV head (its query heads' rows averaged): one chunk set per KV head, the
   granularity Quest has, from perfect knowledge (the bound for per-head SpecAttn selection);
@@ -35,8 +37,9 @@ from specattn_runtime.variants import variant_of, visible
 from .baselines import quest_mask, streaming_mask
 
 ATTN_NAME = "specattn_eval"
-KINDS = ("dense", "specattn", "oracle", "oracle_head", "streaming", "quest")
+KINDS = ("dense", "specattn", "specattn_head", "oracle", "oracle_head", "streaming", "quest")
 GROUP_GLOBAL, GROUP_CALIBRATED = "SpecAttn global p", "SpecAttn calibrated"
+GROUP_HEAD_GLOBAL, GROUP_HEAD_CALIBRATED = "SpecAttn per-head global p", "SpecAttn per-head calibrated"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Method:
     kind: str
     top_p: tuple[float, ...] = ()
     match: str | None = None
+    head_map: tuple[tuple[int, ...], ...] = ()  # specattn_head: [layer][target KV head] -> draft KV head
+    top_p_head: tuple[tuple[float, ...], ...] = ()  # specattn_head: p per (layer, KV head)
     group: str = ""  # curve the method belongs to in the trade-off plot
     x: float | None = None  # the swept value (p, recall budget) for reports
     in_table: bool = False  # a row of the headline table (the rest only feed the curves)
@@ -161,7 +166,8 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
     sparse = [j for j, i in enumerate(layer_map) if i >= 0]
     positions = torch.arange(t)
 
-    draft_rec = AttentionRecorder(positions, chunk_size, layers={layer_map[j] for j in sparse})
+    draft_rec = AttentionRecorder(positions, chunk_size, layers={layer_map[j] for j in sparse},
+                                  per_kv_head=any(m.kind == "specattn_head" for m in methods))
     draft(ids[None], specattn_recorder=draft_rec, use_cache=False, logits_to_keep=1)
     needs_oracle = any(m.kind in ("oracle", "oracle_head") for m in methods)
     target_rec = AttentionRecorder(positions, chunk_size, layers=set(sparse),
@@ -185,11 +191,15 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
                 rows = (draft_rec.rows[layer_map[j]] if m.kind == "specattn" else target_rec.rows[j])[0]
                 masks.chunks[j] = topp_chunks(rows, m.top_p[j], prefill, chunk_size)
             counts[m.name] = {j: masks.chunks[j].sum(-1) for j in sparse}
-        elif m.kind == "oracle_head":
+        elif m.kind in ("oracle_head", "specattn_head"):
             for j in sparse:
-                rows_kv = target_rec.rows_kv[j][0]  # [Hkv, T, C]
-                per_kv = torch.stack([topp_chunks(r, m.top_p[j], prefill, chunk_size) for r in rows_kv])
-                masks.chunks[j] = per_kv.repeat_interleave(n_heads // rows_kv.shape[0], dim=0)  # [H, T, C]
+                if m.kind == "oracle_head":
+                    rows_ps = [(r, m.top_p[j]) for r in target_rec.rows_kv[j][0]]  # [Hkv] x [T, C]
+                else:
+                    draft_kv = draft_rec.rows_kv[layer_map[j]][0]
+                    rows_ps = [(draft_kv[h], m.top_p_head[j][g]) for g, h in enumerate(m.head_map[j])]
+                per_kv = torch.stack([topp_chunks(r, p, prefill, chunk_size) for r, p in rows_ps])
+                masks.chunks[j] = per_kv.repeat_interleave(n_heads // per_kv.shape[0], dim=0)  # [H, T, C]
             # matched baselines get the mean chunk count over heads, per query: the same KV on average
             counts[m.name] = {j: masks.chunks[j].sum(-1).double().mean(0).round().long() for j in sparse}
         elif m.kind in ("streaming", "quest"):

@@ -2,9 +2,16 @@
 
 An artifact is a single ``.safetensors`` file (no pickle) holding
 
-- ``layer_map`` int32 ``[n_target_layers]``: draft layer guiding each target layer, ``-1`` = dense layer;
-- ``top_p`` float32 ``[n_target_layers]``: nucleus threshold per target layer (1.0 on dense layers);
-- ``kl`` float32 ``[n_target_layers, n_draft_layers]``: the KL matrix the map was solved on;
+- ``layer_map`` int32 ``[n_target_layers]``: draft layer guiding each target layer, ``-1`` = dense layer (mode
+  ``self``: the layer itself, ``j``, or ``-1``);
+- ``top_p`` float32 ``[n_target_layers]``: nucleus threshold per target layer (1.0 on dense layers; mode ``self``:
+  of the drafting's selection, per KV head);
+- ``kl`` float32 ``[n_target_layers, n_draft_layers]``: the KL matrix the map was solved on (mode ``self``: no
+  alignment, zeros ``[n_target_layers, n_target_layers]``);
+- optional, together (schema 2): ``head_map`` int32 ``[n_target_layers, n_target_kv_heads]``, the draft KV head
+  guiding each target KV head (``-1`` on dense layers), and ``top_p_head`` float32 (same shape), the per-head p:
+  one chunk selection per (sparse layer, KV head). Without them (every schema 1 artifact) selection is
+  head-averaged, one set per layer, with ``top_p``;
 - optional ``curve.*`` tensors (calibration curves for reports),
 
 plus string metadata in the safetensors header (see ``REQUIRED_METADATA``). Structured metadata values are JSON
@@ -27,7 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "specattn"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = ("1", "2")  # 1: no per-head tensors (loads as head-averaged selection)
 CURVE_PREFIX = "curve."
 MODES = ("draft", "self")
 
@@ -73,6 +81,8 @@ class Artifact:
         Header strings; see ``REQUIRED_METADATA``.
     curves : dict[str, torch.Tensor]
         Optional float32 report tensors, stored as ``curve.<name>``.
+    head_map, top_p_head : torch.Tensor, optional
+        int32 / float32 ``[n_target_layers, n_target_kv_heads]``: per-KV-head guidance (both or neither).
     """
 
     layer_map: torch.Tensor
@@ -80,6 +90,8 @@ class Artifact:
     kl: torch.Tensor
     metadata: dict[str, str]
     curves: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_map: torch.Tensor | None = None
+    top_p_head: torch.Tensor | None = None
 
     @property
     def n_target_layers(self) -> int:
@@ -88,6 +100,11 @@ class Artifact:
     @property
     def n_draft_layers(self) -> int:
         return int(self.kl.shape[1])
+
+    @property
+    def per_head(self) -> bool:
+        """Whether the artifact selects one chunk set per (sparse layer, KV head)."""
+        return self.head_map is not None
 
     @property
     def chunk_size(self) -> int:
@@ -117,10 +134,10 @@ def validate_artifact(art: Artifact, path: str | os.PathLike | None = None) -> N
         raise _fail(path, f"metadata is missing {missing}; this is not a complete SpecAttn artifact")
     if md["format"] != FORMAT:
         raise _fail(path, f"metadata format is {md['format']!r}, expected {FORMAT!r}")
-    if md["schema_version"] != str(SCHEMA_VERSION):
+    if md["schema_version"] not in READABLE_SCHEMAS:
         raise _fail(
             path,
-            f"schema_version is {md['schema_version']!r} but this specattn reads version {SCHEMA_VERSION}; "
+            f"schema_version is {md['schema_version']!r} but this specattn reads versions {READABLE_SCHEMAS}; "
             "recalibrate with this version or install the specattn that wrote it",
         )
     if md["mode"] not in MODES:
@@ -165,9 +182,36 @@ def validate_artifact(art: Artifact, path: str | os.PathLike | None = None) -> N
     mapped = lm[~dense]
     if mapped.numel() > 1 and (mapped[1:] < mapped[:-1]).any():
         raise _fail(path, f"layer_map must be non-decreasing over sparse layers, got {lm.tolist()}")
+    if md["mode"] == "self":  # one model: each sparse layer is guided by its own last verification
+        own = torch.arange(n_t, dtype=lm.dtype)
+        if n_d != n_t or (~dense & (lm != own)).any():
+            raise _fail(path, f"a mode 'self' artifact maps each sparse layer to itself (layer_map[j] = j or -1) "
+                              f"over a [{n_t}, {n_t}] kl; got layer_map {lm.tolist()}, kl {tuple(kl.shape)}")
+    _validate_heads(art, path)
     for name, t in art.curves.items():
         if t.dtype != torch.float32 or not torch.isfinite(t).all():
             raise _fail(path, f"curve {name!r} must be finite float32, got {t.dtype}")
+
+
+def _validate_heads(art: Artifact, path) -> None:
+    hm, tp = art.head_map, art.top_p_head
+    if hm is None and tp is None:
+        return
+    if hm is None or tp is None:
+        raise _fail(path, "head_map and top_p_head come together (per-head selection); one is missing")
+    if art.metadata["schema_version"] == "1" or art.metadata["mode"] != "draft":
+        raise _fail(path, "per-head tensors need schema_version 2 and mode 'draft'")
+    n_t = art.n_target_layers
+    if hm.dtype != torch.int32 or hm.ndim != 2 or hm.shape[0] != n_t or hm.shape[1] == 0:
+        raise _fail(path, f"head_map must be int32 [{n_t}, n_kv_heads], got {hm.dtype} {tuple(hm.shape)}")
+    if tp.dtype != torch.float32 or tuple(tp.shape) != tuple(hm.shape):
+        raise _fail(path, f"top_p_head must be float32 {tuple(hm.shape)} like head_map, got {tp.dtype} "
+                          f"{tuple(tp.shape)}")
+    dense = (art.layer_map == -1)[:, None].expand_as(hm)
+    if ((hm == -1) != dense).any() or (hm < -1).any():
+        raise _fail(path, "head_map must be -1 on exactly the dense layers' rows and a draft KV head (>= 0) elsewhere")
+    if not torch.isfinite(tp).all() or ((tp <= 0) | (tp > 1)).any() or (tp[dense] != 1.0).any():
+        raise _fail(path, "top_p_head values must lie in (0, 1], and be 1.0 on dense layers")
 
 
 _TEMP_PID = re.compile(r"^\..+\.pid(\d+)\.[^/]*tmp$")
@@ -212,6 +256,8 @@ def save_artifact(art: Artifact, path: str | os.PathLike) -> Path:
     validate_artifact(art)
     path = Path(path)
     tensors = {"layer_map": art.layer_map.contiguous(), "top_p": art.top_p.contiguous(), "kl": art.kl.contiguous()}
+    if art.per_head:
+        tensors.update(head_map=art.head_map.contiguous(), top_p_head=art.top_p_head.contiguous())
     tensors.update({CURVE_PREFIX + k: v.contiguous() for k, v in art.curves.items()})
     clean_stale_temps(path.parent)  # what a killed writer left behind
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
@@ -288,7 +334,8 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     except SafetensorError as e:
         raise _fail(path, f"cannot be read as safetensors ({e}); the file is corrupt") from None
     curves = {k[len(CURVE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CURVE_PREFIX)}
-    art = Artifact(tensors["layer_map"], tensors["top_p"], tensors["kl"], metadata, curves)
+    art = Artifact(tensors["layer_map"], tensors["top_p"], tensors["kl"], metadata, curves,
+                   tensors.get("head_map"), tensors.get("top_p_head"))
     validate_artifact(art, path)
     return art
 

@@ -1,5 +1,8 @@
 """``specattn generate``: stream text from a prompt file with sparse speculative decoding.
 
+``--artifact`` of mode ``draft`` needs ``--draft`` and ``--target``; of mode ``self`` (the target drafts for itself
+with sparse attention, lossless), ``--target`` alone.
+
 Every mistake in the command line is one ``specattn: error: ...`` line and exit code 2, found before any model is
 loaded where it can be (arguments, files, device, backend); ``--debug`` shows the Python traceback instead.
 """
@@ -43,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text with SpecAttn")
     g.add_argument("--artifact", required=True, help="calibration artifact (.safetensors)")
-    g.add_argument("--draft", required=True, help="draft model directory")
+    g.add_argument("--draft", help="draft model directory (mode 'draft' artifacts; a mode 'self' artifact takes "
+                   "none: the target drafts for itself)")
     g.add_argument("--target", required=True, help="target model directory")
     g.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt ('-' for stdin)")
     g.add_argument("--max-new-tokens", type=int, default=128)

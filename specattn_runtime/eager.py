@@ -30,20 +30,26 @@ def select(rt, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
     c = -(-n_keys // rt.chunk_size)
     scores = {}
     for i, rs in rows.items():  # sum of the k draft rows, each padded to the full chunk count
-        acc = torch.zeros(rs[0].shape[0], c, device=rs[0].device)
+        acc = torch.zeros(*rs[0].shape[:-1], c, device=rs[0].device)
         for r in rs:
-            acc[:, : r.shape[1]] += r
-        scores[i] = acc
-    s = torch.cat([scores[rt.layer_map[j]] for j in rt.sparse_layers])  # [n_sparse, C]
+            acc[..., : r.shape[-1]] += r
+        scores[i] = acc  # [1, C] head-averaged, [1, Hkv_draft, C] per KV head
+    if rt.per_head:  # one row per (sparse layer, target KV head): its mapped draft head's
+        s = torch.cat([scores[rt.layer_map[j]][0, rt.head_map[j]] for j in rt.sparse_layers])  # [n_sparse * Hkv, C]
+    else:
+        s = torch.cat([scores[rt.layer_map[j]] for j in rt.sparse_layers])  # [n_sparse, C]
     p = rt._sparse_p.to(s.device)
     recent = c - (n_keys - n_verify) // rt.chunk_size  # every verified position's chunk stays
-    if rt.selection == "triton":
+    if rt.selection == "triton" and not rt.per_head:
         from .selection.triton_select import topp_select_triton
 
         n_valid = torch.full((s.shape[0],), c, dtype=torch.int32, device=s.device)
         idx, count = topp_select_triton(s, p, n_valid, keep_recent=recent)
         return {j: (idx[r : r + 1], count[r : r + 1]) for r, j in enumerate(rt.sparse_layers)}, count
     mask = select_chunks(s, p, method=rt.selection, keep_recent=recent)
+    if rt.per_head:  # [1, Hkv, C] per layer; a layer's count is the mean over its KV heads
+        mask = mask.view(len(rt.sparse_layers), -1, c)
+        return {j: mask[r : r + 1] for r, j in enumerate(rt.sparse_layers)}, mask.sum(-1).double().mean(-1)
     return {j: mask[r : r + 1] for r, j in enumerate(rt.sparse_layers)}, mask.sum(-1)
 
 
@@ -62,7 +68,7 @@ def _read_fractions(rt, masks: dict, counts: torch.Tensor, n_keys: int) -> torch
                 from .selection.triton_select import indices_to_mask
 
                 sel = indices_to_mask(*sel, n_chunks=-(-n_keys // c))
-            read[r] = key_mask_from_chunks(sel, n_keys, c)[0, n_keys - window :].double().sum() / window
+            read[r] = key_mask_from_chunks(sel, n_keys, c)[0][..., n_keys - window :].double().mean()
     return read
 
 
@@ -140,7 +146,7 @@ def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step,
     # accepted every draft, the last drafted token is accepted but was never fed to the draft (gpt-fast runs an
     # extra forward in that case; one shape for every step is what a captured graph needs)
     t0 = time.perf_counter()
-    dstate = hooks.StepState("draft", rt.chunk_size, record_layers=rt.record_layers)
+    dstate = hooks.StepState("draft", rt.chunk_size, record_layers=rt.record_layers, per_kv_head=rt.per_head)
     drafted, q_probs = [], []
     if prev is None:  # one-token prompt: nothing cached before cur
         tok = cur

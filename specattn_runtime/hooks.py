@@ -5,9 +5,14 @@ call (prefill, plain decoding) it is transformers' SDPA attention. During specul
 :class:`StepState`:
 
 - draft forwards (``mode="draft"``): layers in ``record_layers`` compute softmax attention explicitly and append
-  their head-averaged, chunk-pooled row for the new query to ``rows[layer]``;
+  their head-averaged (``per_kv_head``: per KV head), chunk-pooled row for the new query to ``rows[layer]``;
 - the target's verification forward (``mode="verify"``): layers with a chunk selection in ``chunk_masks`` call
-  the block-sparse attention backend; the others (dense layers) stay on SDPA.
+  the block-sparse attention backend; the others (dense layers) stay on SDPA. Self-speculation (mode ``self``)
+  drafts in this mode: its selections, made at an earlier length, are one per KV head and every key past their
+  end is read;
+- dense forwards that record (``mode="record"``: self-speculation's verification and prefill): layers in
+  ``record_layers`` add, per KV head, the chunk-pooled attention of the forward's last ``record_queries`` queries
+  (summed over those queries, averaged over the group's query heads) to ``rows[layer]``.
 
 Inside the decode engine (keyword ``specattn_engine=True``, no transformers cache) every layer goes to the
 engine's attention op instead, which owns the cache writes (``engine/forward.py``).
@@ -33,13 +38,17 @@ ATTN_NAME = "specattn"
 
 @dataclass
 class StepState:
-    mode: str  # "draft" | "verify"
+    mode: str  # "draft" | "verify" | "record"
     chunk_size: int
     record_layers: frozenset[int] = frozenset()
-    rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # draft layer -> [B, C_s] per draft step
-    # target layer -> bool mask [B, C], or the selection kernel's compacted (idx [B, C], count [B])
+    # "draft": draft layer -> [B, C_s] per draft step; "record": layer -> [B, Hkv, C] (one tensor)
+    rows: dict[int, list[torch.Tensor] | torch.Tensor] = field(default_factory=dict)
+    # target layer -> bool mask [B, C] or [B, Hkv, C] (shorter masks: later chunks are all read), or the selection
+    # kernel's compacted (idx [B, C], count [B])
     chunk_masks: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     backend: str = "torch"
+    record_queries: int = 1
+    per_kv_head: bool = False  # "draft": rows per KV head [B, Hkv, C] instead of head-averaged [B, C]
 
 
 def _specattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -57,19 +66,64 @@ def _specattn_attention(module, query, key, value, attention_mask, scaling=None,
         return engine_attention(query, key, value, layer, float(scale)), None
     if st is not None and st.mode == "draft" and layer in st.record_layers:
         out, probs = softmax_attention(query, key, value, attention_mask, scale, variant)
-        row = pool_to_chunks(probs[:, :, -1].float().mean(1), st.chunk_size)  # newest query, head-averaged: [B, C]
+        last = probs[:, :, -1].float()  # the newest query: [B, H, Tk]
+        if st.per_kv_head:  # each KV head's group of query heads averaged: [B, Hkv, C]
+            b, h, tk = last.shape
+            row = pool_to_chunks(last.view(b, key.shape[1], h // key.shape[1], tk).mean(2), st.chunk_size)
+        else:  # head-averaged: [B, C]
+            row = pool_to_chunks(last.mean(1), st.chunk_size)
         st.rows.setdefault(layer, []).append(row)
         return out, None
     if st is not None and st.mode == "verify" and layer in st.chunk_masks:
-        out = sparse_attention(query, key, value, st.chunk_masks[layer], chunk_size=st.chunk_size, scale=scale,
-                               backend=st.backend, variant=variant)
+        sel = st.chunk_masks[layer]
+        if not isinstance(sel, tuple):
+            sel = _extend(sel, -(-key.shape[2] // st.chunk_size))
+        out = sparse_attention(query, key, value, sel, chunk_size=st.chunk_size, scale=scale, backend=st.backend,
+                               variant=variant)
         return out.transpose(1, 2).contiguous(), None
-    if variant.softcap is not None or variant.sinks is not None:  # transformers' SDPA path would drop them
+    if st is not None and st.mode == "record" and layer in st.record_layers:
+        return _record_per_kv_head(st, layer, module, query, key, value, attention_mask, scale, variant,
+                                   scaling=scaling, dropout=dropout, **kwargs)
+    return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' SDPA attention, or the explicit softmax where the layer soft-caps or has sinks (SDPA has
+    neither): the layer's own attention, exactly. Returns ``(out [B, Tq, H, D], None)``."""
+    variant = variant_of(kwargs)
+    if variant.softcap is not None or variant.sinks is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return softmax_attention(query, key, value, attention_mask, scale, variant)[0], None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
+
+
+def _extend(mask: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """A selection made over fewer chunks, extended to ``n_chunks``: the chunks past its end hold keys written
+    since it was made, and are all read."""
+    short = n_chunks - mask.shape[-1]
+    if short <= 0:
+        return mask[..., :n_chunks]
+    return torch.cat([mask, mask.new_ones(*mask.shape[:-1], short)], dim=-1)
+
+
+def _record_per_kv_head(st: StepState, layer: int, module, query, key, value, attention_mask, scale, variant,
+                        **kwargs):
+    """Dense attention, plus the per-KV-head chunk-pooled mass of the last ``st.record_queries`` queries."""
+    m = min(st.record_queries, query.shape[2])
+    if m == query.shape[2]:  # a verification block: the recording pass is the attention itself
+        out, probs = softmax_attention(query, key, value, attention_mask, scale, variant)
+    else:  # a prefill: SDPA for every query, explicit probabilities for the last m only (never [H, T, T])
+        out = dense_attention(module, query, key, value, attention_mask, **kwargs)[0]
+        mask = attention_mask[..., -m:, :] if attention_mask is not None else None
+        probs = softmax_attention(query[:, :, -m:], key, value, mask, scale, variant)[1]
+    b, h, _, tk = probs.shape
+    hkv = key.shape[1]
+    groups = probs.float().view(b, hkv, h // hkv, m, tk).mean(2).sum(2)  # [B, Hkv, Tk]
+    st.rows[layer] = pool_to_chunks(groups, st.chunk_size)
+    return out, None
 
 
 def register() -> str:

@@ -11,7 +11,11 @@ One step (batch 1):
 3. the target verifies the ``k + 1`` positions in one forward, sparse layers through the block-sparse backend;
 4. greedy or rejection-sampling acceptance; both caches are rolled back to the accepted prefix.
 
-Two implementations of that step behind one ``generate``: the static-shape decode engine (``engine/``:
+A mode ``self`` artifact (no draft model) runs self-speculation instead: the target drafts with sparse attention
+over the chunks its last dense verification attended to and verifies densely (lossless); the eager loop
+(:mod:`specattn_runtime.selfspec`) selects per KV head, the decode engine (``engine/self_step.py``) per layer.
+
+Two implementations of the draft-mode step behind one ``generate``: the static-shape decode engine (``engine/``:
 preallocated caches with device-side lengths, attention reading them, each phase captured as a CUDA graph, one
 host read per step), the default on CUDA; and the eager loop (``eager.py``: transformers' caches, host control
 flow), the default elsewhere and the reference the engine is tested against. ``k = 0`` decodes the target alone
@@ -28,7 +32,7 @@ import torch
 
 from . import hooks, rng, validate
 from .artifact import Artifact, load_artifact
-from .engine import DecodeEngine, KVStore, SparsePlan, make_forward
+from .engine import DecodeEngine, KVStore, SelfSpecEngine, SparsePlan, make_forward, self_plan
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
@@ -37,19 +41,32 @@ from .variants import check_supported, layer_windows, model_features
 CAPACITY_STEP = 2048  # caches (and the graphs captured over them) come in multiples of this many positions
 
 
-def check_against_models(art: Artifact, draft_dir: Path, target_dir: Path, n_draft: int, n_target: int,
-                         allow_mismatch: bool) -> None:
-    """Layer counts always; config/weights/tokenizer hashes unless ``allow_mismatch``. Errors name both sides."""
+def check_mode(art: Artifact, path, draft) -> None:
+    """A ``draft`` artifact needs its draft model; a ``self`` artifact (the target drafts for itself) takes none."""
+    mode = art.metadata["mode"]
+    if mode == "self" and draft is not None:
+        raise ValueError(f"{path} is a self-speculative artifact (mode 'self'): the target drafts for itself, so "
+                         "pass target= only, no draft")
+    if mode == "draft" and draft is None:
+        raise ValueError(f"{path} is a draft-guided artifact (mode 'draft'): pass the draft model it was calibrated "
+                         f"with (draft=DIR; it was {art.info('draft_model').get('name', '?')!r})")
+
+
+def check_against_models(art: Artifact, draft_dir: Path | None, target_dir: Path, n_draft: int | None,
+                         n_target: int, allow_mismatch: bool) -> None:
+    """Layer counts always; config/weights/tokenizer hashes unless ``allow_mismatch``. Errors name both sides.
+    ``draft_dir`` None: a mode ``self`` artifact, checked against the target alone."""
     if art.n_target_layers != n_target:
         raise ValueError(f"artifact is for a target with {art.n_target_layers} layers; {target_dir} has {n_target}")
-    if art.n_draft_layers != n_draft:
+    if draft_dir is not None and art.n_draft_layers != n_draft:
         raise ValueError(f"artifact is for a draft with {art.n_draft_layers} layers; {draft_dir} has {n_draft}")
     if allow_mismatch:
         return
     checks = [("target_model", "config_hash", config_hash(target_dir)),
-              ("draft_model", "config_hash", config_hash(draft_dir)),
-              ("target_model", "weights_hash", weights_hash(target_dir)),
-              ("draft_model", "weights_hash", weights_hash(draft_dir))]
+              ("target_model", "weights_hash", weights_hash(target_dir))]
+    if draft_dir is not None:
+        checks += [("draft_model", "config_hash", config_hash(draft_dir)),
+                   ("draft_model", "weights_hash", weights_hash(draft_dir))]
     for field_, key, have in checks:
         want = art.info(field_).get(key)
         model = target_dir if field_ == "target_model" else draft_dir
@@ -70,21 +87,29 @@ class SpecAttnRuntime:
 
     ``engine``: ``"static"`` (the decode engine; CUDA graphs and ``torch.compile`` on CUDA), ``"eager"`` (the
     reference loop) or ``"auto"`` (static on CUDA, eager elsewhere). ``compile`` (default: on CUDA) fuses each
-    model forward of the static engine with ``torch.compile``.
+    model forward of the static engine with ``torch.compile``. ``per_head``: with an artifact that has a head map,
+    select one chunk set per (sparse layer, KV head) (default where the path reads them: the eager loop with the
+    torch or Triton backend; the decode engine selects per layer, with the head-averaged ``top_p``).
     """
 
     engine_class = DecodeEngine  # benchmarks substitute a subclass (forced acceptance on random weights)
 
     def __init__(self, artifact: Artifact, draft, target, tokenizer=None, *, backend: str = "auto",
                  selection: str = "auto", exact_dense_shortcut: bool = True, engine: str = "auto",
-                 compile: bool | None = None):
-        self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
+                 compile: bool | None = None, per_head: bool | None = None):
         dev = next(target.parameters()).device
         on_cuda = dev.type == "cuda"
         validate.kernels(backend, selection, engine, dev)
-        if artifact.metadata.get("mode", "draft") != "draft":
-            raise ValueError(f"artifact mode {artifact.metadata['mode']!r} is not supported by this runtime yet: "
-                             "it drives draft-guided verification (mode 'draft') only")
+        self.mode = artifact.metadata["mode"]
+        check_mode(artifact, "the artifact", draft)
+        if self.mode == "self":
+            # The target drafts for itself. The eager loop selects per KV head (torch or Triton attention); the
+            # decode engine selects per layer (its kernels take one index list per layer; both are lossless).
+            if backend == "flashinfer":
+                raise ValueError("a self-speculative artifact (mode 'self') runs with backend 'torch' or 'triton'; "
+                                 "the FlashInfer wrapper takes one selection per layer")
+            draft = target
+        self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
         # Sliding windows, soft-capping and sinks are implemented by the eager loop's torch attention only: "auto"
         # takes that path for such models (exact, slower) and says so; an explicit engine or backend is refused.
         variant_models = {f for m in (draft, target) for f in model_features(m.config)}
@@ -108,13 +133,22 @@ class SpecAttnRuntime:
         self.chunk_size = artifact.chunk_size
         self.windows = layer_windows(target.config)  # per target layer: its sliding window or None
         self.layer_map = artifact.layer_map.tolist()
+        self.per_head = self._choose_per_head(artifact, per_head)
         self.top_p = artifact.top_p.tolist()
         # Layers with p >= 1 read everything: keep them on the dense path (exact and cheaper). Turning the shortcut
         # off routes them through selection and the sparse backend, which must then reproduce dense decoding.
-        self.sparse_layers = [j for j, (i, p) in enumerate(zip(self.layer_map, self.top_p))
+        sparse_p = artifact.top_p_head.amin(1).tolist() if self.per_head else self.top_p
+        self.sparse_layers = [j for j, (i, p) in enumerate(zip(self.layer_map, sparse_p))
                               if i >= 0 and (p < 1.0 or not exact_dense_shortcut)]
         self.record_layers = frozenset(self.layer_map[j] for j in self.sparse_layers)
-        self._sparse_p = torch.tensor([self.top_p[j] for j in self.sparse_layers])
+        if self.per_head:  # one selection row per (sparse layer, target KV head)
+            self.head_map = {j: artifact.head_map[j].long() for j in self.sparse_layers}
+            n_draft_heads = draft.config.num_key_value_heads
+            if any(int(h.max()) >= n_draft_heads for h in self.head_map.values()):
+                raise ValueError(f"the artifact's head_map names draft KV heads beyond the draft's {n_draft_heads}")
+            self._sparse_p = artifact.top_p_head[self.sparse_layers].flatten().float()
+        else:
+            self._sparse_p = torch.tensor([self.top_p[j] for j in self.sparse_layers])
         self.plan = SparsePlan(tuple(self.sparse_layers), tuple(self.layer_map[j] for j in self.sparse_layers),
                                tuple(self.top_p[j] for j in self.sparse_layers), self.chunk_size)
         # GPU work is asynchronous: the eager loop's time split is only honest if each phase has finished.
@@ -123,18 +157,35 @@ class SpecAttnRuntime:
         self._engines: dict[tuple, DecodeEngine] = {}
         self._forwards: dict[str, object] = {}
 
+    def _choose_per_head(self, artifact: Artifact, per_head: bool | None) -> bool:
+        """Per-KV-head selection where the artifact has a head map and the path reads per-head selections (the
+        eager loop, torch or Triton backend; the decode engine selects per layer), unless ``per_head=False``."""
+        if per_head and not artifact.per_head:
+            raise ValueError("per_head=True needs an artifact with a head map (mode 'draft', calibrated by specattn "
+                             "with schema 2)")
+        if not artifact.per_head or per_head is False:
+            return False
+        supported = self.engine == "eager" and self.backend in ("torch", "triton")
+        if per_head and not supported:
+            raise ValueError(f"per-KV-head selection runs on engine='eager' with backend 'torch' or 'triton'; got "
+                             f"engine={self.engine!r}, backend={self.backend!r} (or pass per_head=False)")
+        return supported
+
     @classmethod
-    def from_artifact(cls, path: str | Path, *, draft: str | Path, target: str | Path, device: str = "cpu",
-                      dtype: torch.dtype = torch.float32, backend: str = "auto", selection: str = "auto",
-                      allow_mismatch: bool = False, **kwargs) -> "SpecAttnRuntime":
-        """Load the artifact and both models, refusing models the artifact was not calibrated for.
+    def from_artifact(cls, path: str | Path, *, target: str | Path, draft: str | Path | None = None,
+                      device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",
+                      selection: str = "auto", allow_mismatch: bool = False, **kwargs) -> "SpecAttnRuntime":
+        """Load the artifact and its models, refusing models the artifact was not calibrated for.
 
         Parameters
         ----------
         path : str or Path
             Artifact ``.safetensors`` (e.g. ``artifacts/quick/latest.safetensors``).
-        draft, target : str or Path
-            Local model directories.
+        target : str or Path
+            Local model directory of the target.
+        draft : str or Path, optional
+            Local model directory of the draft: required by a mode ``draft`` artifact, refused by a mode ``self``
+            one (the target drafts for itself).
         allow_mismatch : bool
             Accept differing config/weight/tokenizer hashes (layer counts must still match).
         **kwargs
@@ -143,12 +194,15 @@ class SpecAttnRuntime:
         dev = validate.device(device)  # everything that can be checked is checked before a model loads
         validate.kernels(backend, selection, kwargs.get("engine", "auto"), dev)
         art = load_artifact(path)
-        d, t = check_model_dir(draft, "draft"), check_model_dir(target, "target")
+        check_mode(art, path, draft)
+        d = check_model_dir(draft, "draft") if draft is not None else None
+        t = check_model_dir(target, "target")
         name = hooks.register()
-        draft_model = load_causal_lm(d, role="draft", dtype=dtype, device=device, attn_implementation=name)
+        draft_model = None if d is None else load_causal_lm(d, role="draft", dtype=dtype, device=device,
+                                                            attn_implementation=name)
         target_model = load_causal_lm(t, role="target", dtype=dtype, device=device, attn_implementation=name)
-        check_against_models(art, d, t, draft_model.config.num_hidden_layers, target_model.config.num_hidden_layers,
-                             allow_mismatch)
+        check_against_models(art, d, t, None if d is None else draft_model.config.num_hidden_layers,
+                             target_model.config.num_hidden_layers, allow_mismatch)
         return cls(art, draft_model, target_model, load_tokenizer(t, "target"), backend=backend, selection=selection,
                    **kwargs)
 
@@ -196,15 +250,17 @@ class SpecAttnRuntime:
         if self.engine == "static":
             return self._generate_static(*args)
         from .eager import generate_eager
+        from .selfspec import generate_self_eager
 
+        loop = generate_self_eager if self.mode == "self" and k else generate_eager
         if not next(self.target.parameters()).is_cuda:
-            return generate_eager(self, *args)
+            return loop(self, *args)
         # cuDNN's SDPA builds a new plan for every KV length, ~1.4 ms of host time per layer and step on an H100
         # (bench/RESULTS.md): the eager loop runs without it, scoped to this call.
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return generate_eager(self, *args)
+            return loop(self, *args)
 
     @torch.no_grad()
     def _generate_static(self, ids: list[int], max_new_tokens: int, k: int, temperature: float, top_p: float,
@@ -216,7 +272,7 @@ class SpecAttnRuntime:
         eng.capture()
         t_prefill = time.perf_counter()
         stats.time_capture = t_prefill - t_start  # cache allocation, warm-up and graph capture: first use only
-        for role in ("target", "draft") if k else ("target",):
+        for role in ("target", "draft") if k and self.mode != "self" else ("target",):
             eng.store.prefill(role, ids[:-1])
         eng.start(len(ids) - 1, ids[-1], ids[-2] if len(ids) > 1 else None, seed=seed,
                   temperature=max(temperature, 1e-6), top_p=top_p)
@@ -247,20 +303,26 @@ class SpecAttnRuntime:
             self.release_caches()
             limit = self.target.config.max_position_embeddings
             capacity = min(-(-need // CAPACITY_STEP) * CAPACITY_STEP, max(limit, need))
-            caches.store = KVStore({"target": self.target, "draft": self.draft}, capacity)
+            roles = {"target": self.target} if self.mode == "self" else {"target": self.target, "draft": self.draft}
+            caches.store = KVStore(roles, capacity)
         key = (k, sampling)
         eng = self._engines.get(key)
         if eng is None or eng.store is not caches.store:  # new, or its caches were replaced through a sharer
             plan = self.plan if k else SparsePlan(chunk_size=self.chunk_size)
-            eng = self._engines[key] = self.engine_class(
+            cls = self.engine_class
+            if self.mode == "self" and k:  # the target drafts for itself, one cache
+                plan = self_plan(self.sparse_layers, [self.top_p[j] for j in self.sparse_layers], self.chunk_size)
+                cls = SelfSpecEngine
+            eng = self._engines[key] = cls(
                 self.target, caches.store, plan, k, self._model_forwards(), sampling=sampling,
                 backend=self.backend, graphs=next(self.target.parameters()).is_cuda)
         return eng
 
     def _model_forwards(self) -> dict:
         if not self._forwards:
-            self._forwards = {"target": make_forward(self.target, self.compile),
-                              "draft": make_forward(self.draft, self.compile)}
+            self._forwards = {"target": make_forward(self.target, self.compile)}
+            if self.mode != "self":
+                self._forwards["draft"] = make_forward(self.draft, self.compile)
         return self._forwards
 
     def share_caches_with(self, other: "SpecAttnRuntime") -> None:

@@ -84,9 +84,10 @@ def _sm_count(index: int | None) -> int:
 
 
 def indices_to_mask(idx: torch.Tensor, count: torch.Tensor, n_chunks: int) -> torch.Tensor:
-    """Compacted selection -> bool mask ``[rows, n_chunks]`` (for the torch backend and for tests)."""
-    slots = torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None].long()
+    """Compacted selection ``idx [..., C]``, ``count [...]`` -> bool mask ``[..., n_chunks]`` (for the torch
+    backend and for tests)."""
+    slots = torch.arange(idx.shape[-1], device=idx.device) < count[..., None].long()
     # unused slots scatter into a spare column that is dropped: no boolean indexing, so no host sync
     target = torch.where(slots, idx.long(), n_chunks)
-    mask = torch.zeros(idx.shape[0], n_chunks + 1, dtype=torch.bool, device=idx.device)
-    return mask.scatter_(1, target, True)[:, :n_chunks]
+    mask = torch.zeros(*idx.shape[:-1], n_chunks + 1, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(-1, target, True)[..., :n_chunks]

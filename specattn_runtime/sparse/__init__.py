@@ -24,13 +24,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
                      variant: Variant = PLAIN) -> torch.Tensor:
     """See :func:`sparse_attention_reference` for shapes; ``backend`` picks the implementation.
 
-    ``selection`` is a bool chunk mask ``[B, C]`` or the selection kernel's compacted ``(idx [B, C], count [B])``;
+    ``selection`` is a bool chunk mask ``[B, C]`` (``[B, Hkv, C]``: one per KV head; torch and Triton backends) or
+    the selection kernel's compacted ``(idx [B, C], count [B])`` (per head: ``[B, Hkv, C]``, ``[B, Hkv]``);
     each backend converts only when its own form differs (the Triton path from kernel indices converts nothing).
     With ``page_table`` / ``kv_lens``, ``k`` / ``v`` are page pools (see
     :func:`sparse_attention_paged_reference`); the torch and Triton backends take them. A ``variant`` other than
     plain causal attention (sliding window, soft-capping, sinks) is implemented by the contiguous torch backend
     only; the others refuse it.
     """
+    per_head = (selection[0] if isinstance(selection, tuple) else selection).ndim == 3
+    if per_head and (backend == "flashinfer" or page_table is not None):
+        raise ValueError(f"a selection per KV head ([B, Hkv, C]) needs backend 'torch' or 'triton' over a "
+                         f"contiguous cache (got backend {backend!r}{', paged' if page_table is not None else ''})")
     if not variant.plain and (backend != "torch" or page_table is not None):
         raise ValueError(f"sliding windows, soft-capping and attention sinks need backend 'torch' over a contiguous "
                          f"cache; got backend {backend!r}{' with a paged cache' if page_table is not None else ''}")

@@ -3,7 +3,8 @@
 One program per (sequence, KV head, split). It holds every query row that reads this KV head, i.e. all
 ``G = H // Hkv`` query heads times all ``Tq`` verified positions (``M = G * Tq`` rows), so each selected K/V
 chunk is loaded once for all of them. Chunks come straight from the selection kernel's compacted index buffer
-(``idx[b, :count[b]]``), ``CHUNKS_PER_ITER`` of them gathered per iteration into one ``[CHUNKS_PER_ITER * CHUNK]``
+(``idx[b, :count[b]]``; per KV head, ``idx[b, h, :count[b, h]]``: head strides 0 share one selection),
+``CHUNKS_PER_ITER`` of them gathered per iteration into one ``[CHUNKS_PER_ITER * CHUNK]``
 key tile; these groups are dealt round-robin to the splits. Each split writes a partial (unnormalised output,
 running max, running sum); ``_combine_kernel`` merges the splits.
 
@@ -33,7 +34,7 @@ def _sparse_attn_split_kernel(
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    stride_ib,
+    stride_ib, stride_ih, stride_cb, stride_ch,
     stride_ob, stride_oh, stride_os, stride_om,
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr, CHUNKS_PER_ITER: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
@@ -63,7 +64,7 @@ def _sparse_attn_split_kernel(
     if DENSE:
         count = tl.cdiv(n_keys, CHUNK)
     else:
-        count = tl.load(count_ptr + b)
+        count = tl.load(count_ptr + b * stride_cb + kvh * stride_ch)
     n_groups = tl.cdiv(count, CHUNKS_PER_ITER)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -78,7 +79,7 @@ def _sparse_attn_split_kernel(
         if DENSE:
             chunk = slot
         else:
-            chunk = tl.load(idx_ptr + b * stride_ib + slot, mask=slot_ok, other=0)
+            chunk = tl.load(idx_ptr + b * stride_ib + kvh * stride_ih + slot, mask=slot_ok, other=0)
         key_pos = chunk * CHUNK + offs_n % CHUNK
         key_ok = slot_ok & (key_pos < n_keys)
         if PAGED:  # stride_kb / stride_vb step over pages; rows of a page are positions
@@ -103,7 +104,7 @@ def _sparse_attn_split_kernel(
             if DENSE:
                 cid = cslot
             else:
-                cid = tl.load(idx_ptr + b * stride_ib + cslot, mask=cok, other=0)
+                cid = tl.load(idx_ptr + b * stride_ib + kvh * stride_ih + cslot, mask=cok, other=0)
             r_ptrs = b * stride_rb + kvh * stride_rh + offs_m[:, None] * stride_rm + cid[None, :]
             r_ok = row_ok[:, None] & cok[None, :]
             tl.store(rec_m_ptr + r_ptrs, cm, mask=r_ok)

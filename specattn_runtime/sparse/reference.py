@@ -13,8 +13,8 @@ from ..variants import PLAIN, Variant, visible
 
 
 def key_mask_from_chunks(chunk_mask: torch.Tensor, n_keys: int, chunk_size: int) -> torch.Tensor:
-    """bool ``[B, C]`` chunk selection -> bool ``[B, n_keys]`` key selection."""
-    return chunk_mask.repeat_interleave(chunk_size, dim=-1)[:, :n_keys]
+    """bool ``[..., C]`` chunk selection -> bool ``[..., n_keys]`` key selection."""
+    return chunk_mask.repeat_interleave(chunk_size, dim=-1)[..., :n_keys]
 
 
 def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_mask: torch.Tensor,
@@ -29,7 +29,8 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         ``[B, Hkv, Tk, D]`` with ``H % Hkv == 0`` (GQA: each KV head serves ``H // Hkv`` query heads).
     chunk_mask : torch.Tensor
         bool ``[B, ceil(Tk / chunk_size)]``: chunks every query of the sequence may read (shared by all heads and
-        queries, which is what lets a kernel load each selected block once).
+        queries, which is what lets a kernel load each selected block once), or ``[B, Hkv, ceil(Tk / chunk_size)]``:
+        one selection per KV head, read by the query heads of its group.
     variant : Variant
         The layer's sliding window (keys outside it are never read, whatever is selected), logit soft-capping and
         attention sinks (:mod:`specattn_runtime.variants`).
@@ -41,10 +42,14 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """
     b, h, tq, _ = q.shape
     tk = k.shape[2]
-    keys = key_mask_from_chunks(chunk_mask, tk, chunk_size)  # [B, Tk]
-    if not chunk_mask[:, (tk - tq) // chunk_size :].all():
+    if not chunk_mask[..., (tk - tq) // chunk_size :].all():
         raise ValueError("the chunks holding the queries' own positions (the newest chunks) must be selected")
-    mask = keys[:, None, None, :] & visible(tq, tk, variant.window, q.device)[None, None]  # [B, 1, Tq, Tk]
+    if chunk_mask.ndim == 3:  # per KV head: a group's query heads are consecutive (head i reads KV head i // rep)
+        keys = key_mask_from_chunks(chunk_mask, tk, chunk_size).repeat_interleave(h // k.shape[1], dim=1)
+        keys = keys[:, :, None, :]  # [B, H, 1, Tk]
+    else:
+        keys = key_mask_from_chunks(chunk_mask, tk, chunk_size)[:, None, None, :]  # [B, 1, 1, Tk]
+    mask = keys & visible(tq, tk, variant.window, q.device)[None, None]  # [B, 1 or H, Tq, Tk]
     if variant.softcap is not None or variant.sinks is not None:  # SDPA has neither
         from ..capture import softmax_attention
 

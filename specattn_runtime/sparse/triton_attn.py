@@ -8,7 +8,8 @@ CHUNKS_PER_ITER = 4  # 4 chunks of 16 keys: a 64-key tile per iteration
 
 
 def mask_to_indices(chunk_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool ``[B, C]`` -> (int32 ``[B, C]`` selected chunk ids first, in order; int32 ``[B]`` counts); no host sync."""
+    """bool ``[..., C]`` -> (int32 ``[..., C]`` selected chunk ids first, in order; int32 ``[...]`` counts); no host
+    sync."""
     idx = torch.sort((~chunk_mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
     return idx, chunk_mask.sum(-1, dtype=torch.int32)
 
@@ -31,8 +32,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         ``[B, Hkv, Tk, D]``, last dim contiguous (a transformers cache layer as is); or, with ``page_table``,
         page pools ``[n_pages, page_size, Hkv, D]`` (``page_size`` a multiple of ``chunk_size``).
     idx, count : torch.Tensor or None
-        int32 ``[B, C]`` and ``[B]``: compacted selection (the selection kernel's output). ``None`` for both:
-        dense, every chunk up to the key count.
+        int32 ``[B, C]`` and ``[B]``: compacted selection (the selection kernel's output), or ``[B, Hkv, C]`` and
+        ``[B, Hkv]``: one selection per KV head. ``None`` for both: dense, every chunk up to the key count.
     num_splits : int, optional
         Split-K factor; default fills the GPU with about two programs per multiprocessor.
     page_table : torch.Tensor, optional
@@ -80,7 +81,11 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         raise ValueError("q, k and v need a contiguous last dimension")
     group = h // hkv
     block_m = max(16, triton.next_power_of_2(group * tq))
-    cap = -(-tk // chunk_size) if dense else idx.shape[1]
+    per_head = not dense and idx.ndim == 3
+    if per_head and (idx.shape[:2] != (b, hkv) or count.shape != (b, hkv)):
+        raise ValueError(f"a selection per KV head needs idx [B={b}, Hkv={hkv}, C] and count [{b}, {hkv}], got "
+                         f"{tuple(idx.shape)} and {tuple(count.shape)}")
+    cap = -(-tk // chunk_size) if dense else idx.shape[-1]
     if num_splits is None:
         n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = max(1, min(-(-2 * n_sm // (b * hkv)), -(-cap // chunks_per_iter)))
@@ -118,6 +123,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         table.stride(0), rec_m.stride(0) if record is not None else 0, rec_m.stride(1) if record is not None else 0,
         rec_m.stride(2) if record is not None else 0,
         q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, 0 if dense else idx.stride(0),
+        idx.stride(1) if per_head else 0, 0 if dense else count.stride(0), count.stride(1) if per_head else 0,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, CHUNK=chunk_size, CHUNKS_PER_ITER=chunks_per_iter,
         PAGED=paged, PAGE=page_size, RAGGED=ragged, DENSE=dense, RECORD=record is not None,
