@@ -104,13 +104,11 @@ def calibrate_self(preset: str | None, target: str | None, corpus: str | None, w
                                              SCHEMA_VERSION], sort_keys=True).encode()).hexdigest()
     folder = out_root / name
     latest = folder / "latest.safetensors"
-    if skip_if_unchanged and latest.exists():
-        try:
-            if load_artifact(latest).metadata.get("input_fingerprint") == fingerprint:
-                log.info("model, corpus and parameters unchanged since %s: nothing to do", latest)
-                return str(latest.resolve())
-        except ValueError:
-            pass  # an unreadable latest never blocks a recalibration
+    from .calibrate import _latest_fingerprint  # the flow module imports this one lazily: no cycle
+
+    if skip_if_unchanged and _latest_fingerprint(folder) == fingerprint:
+        log.info("model, corpus and parameters unchanged since %s: nothing to do", latest)
+        return str(latest.resolve())
     res = tune_and_check(model_dir, corpus_info["path"], draft_k, queries_per_window, chunk_size, dense_layers,
                          global_p)
     art = _artifact(res, fp, n_t, tok_hash, corpus_info, params, fingerprint, draft_k)
