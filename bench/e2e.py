@@ -7,7 +7,10 @@ Methods (the ``method`` key of each JSON row):
   back as it is produced. Its compilation and graph recording are excluded (warm-up steps).
 - ``ar``: this runtime with ``k = 0`` (the decode engine: the target alone, each step a captured graph).
 - ``spec_dense``: this runtime, speculative, every target layer verified densely.
-- ``specattn``: this runtime, speculative, sparse verification.
+- ``specattn``: this runtime, speculative, sparse verification (one chunk set per layer, head-averaged draft rows).
+- ``specattn_head``: the same with per-KV-head selection (an artifact with a head map: target KV head ``h`` guided
+  by draft KV head ``h * Hkv_draft // Hkv_target``, the same forced p on every head): the draft records one row
+  per KV head, top-p runs per (sparse layer, target KV head), the verification reads per-head index lists.
 - ``self_spec``: self-speculation (``SelfSpecEngine``): the target alone drafts ``k`` tokens with sparse attention
   over the chunks selected from its previous dense verification's recorded attention, then verifies densely.
 
@@ -35,6 +38,7 @@ the self-speculation's caches).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -52,7 +56,7 @@ from specattn_runtime import SpecAttnRuntime, hooks  # noqa: E402
 from specattn_runtime.engine import (DecodeEngine, KVStore, SelfSpecEngine, SparsePlan, StepTimes,  # noqa: E402
                                      make_forward, self_plan)
 
-METHODS = ("hf_compiled_ar", "ar", "spec_dense", "specattn", "self_spec")
+METHODS = ("hf_compiled_ar", "ar", "spec_dense", "specattn", "self_spec", "specattn_head")
 
 PAIRS = {
     # (target config, draft config): public architecture hyper-parameters
@@ -109,8 +113,10 @@ class ForcedSelfAcceptance(ForcedAcceptanceMixin, SelfSpecEngine):
     recorded attention, at the p in its ``sel_p`` buffer (the forced density)."""
 
 
-def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2):
-    """A synthetic artifact: target layers mapped proportionally onto draft layers, p = density."""
+def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2, heads: tuple[int, int] | None = None):
+    """A synthetic artifact: target layers mapped proportionally onto draft layers, p = density. ``heads``
+    ``(target KV heads, draft KV heads)``: with a head map (each target KV head guided by the draft KV head at the
+    same relative index) and p = density on every head."""
     from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact
 
     layer_map = [-1] * dense_layers + [min(n_d - 1, round(j * (n_d - 1) / (n_t - 1))) for j in range(dense_layers, n_t)]
@@ -120,7 +126,13 @@ def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2):
             "target_model": json.dumps({"name": "random", "n_layers": n_t}), "tokenizer_hash": "-",
             "calibration_corpus": "{}", "objective": json.dumps({"kind": "forced_density", "density": density}),
             "holdout_quality": "{}", "created_at": datetime.now(timezone.utc).isoformat(), "specattn_version": "bench"}
-    return Artifact(torch.tensor(layer_map, dtype=torch.int32), torch.tensor(top_p), torch.zeros(n_t, n_d), meta)
+    art = Artifact(torch.tensor(layer_map, dtype=torch.int32), torch.tensor(top_p), torch.zeros(n_t, n_d), meta)
+    if heads is None:
+        return art
+    h_t, h_d = heads
+    dense = (art.layer_map == -1)[:, None]
+    head_map = torch.where(dense, -1, (torch.arange(h_t) * h_d // h_t).expand(n_t, h_t)).int()
+    return dataclasses.replace(art, head_map=head_map, top_p_head=art.top_p[:, None].expand(n_t, h_t).contiguous())
 
 
 class Bytes:
@@ -314,7 +326,7 @@ def main() -> None:
     if len(args.self_accepted_length) != len(args.self_density):
         ap.error("--self-accepted-length and --self-density are pairs: give them the same number of values")
     want = set(args.methods) - ({"hf_compiled_ar"} if args.skip_hf else set())
-    spec = bool(want & {"spec_dense", "specattn"})  # the draft model and the runtime are needed
+    spec = bool(want & {"spec_dense", "specattn", "specattn_head"})  # the draft model and the runtime are needed
     t_cfg, d_cfg = PAIRS[args.pair]
     max_pos = max(args.contexts) + 4 * args.new_tokens + max(args.k) + 64
     torch.manual_seed(0)
@@ -341,7 +353,12 @@ def main() -> None:
             rts = {"spec_dense": SpecAttnRuntime(artifact_for(n_t, n_d, 1.0), draft, target)}
             if "specattn" in want:
                 for d in args.density:
-                    rts[d] = SpecAttnRuntime(artifact_for(n_t, n_d, d), draft, target)
+                    rts[("specattn", d)] = SpecAttnRuntime(artifact_for(n_t, n_d, d), draft, target)
+            if "specattn_head" in want:
+                heads = (target.config.num_key_value_heads, draft.config.num_key_value_heads)
+                for d in args.density:
+                    rts[("specattn_head", d)] = SpecAttnRuntime(artifact_for(n_t, n_d, d, heads=heads), draft,
+                                                                target)
             first = rts["spec_dense"]
             for rt in rts.values():
                 rt.engine_class = ForcedAcceptance
@@ -358,9 +375,9 @@ def main() -> None:
                         res = run_ours(rt, ids, args.new_tokens, k, acc)
                         kv = res["kv_read_all_layers"]
                         floor_ms = 1e3 * (k * db.forward(ctx) + tb.forward(ctx, kv)) / bw  # k draft forwards
-                        rows.append(base | {"k": k, "accepted_length": acc,
-                                            "density": None if key == "spec_dense" else key,
-                                            "method": "spec_dense" if key == "spec_dense" else "specattn", **res,
+                        method, density = (key, None) if key == "spec_dense" else key
+                        rows.append(base | {"k": k, "accepted_length": acc, "density": density, "method": method,
+                                            **res,
                                             "floor_ms": floor_ms,
                                             "bytes_bound_speedup_over_ar": acc / floor_ms * ar_floor_ms})
                         print(f"ctx {ctx} k {k} acc {acc} {key}: {res['tokens_per_second']:.1f} tok/s, step "

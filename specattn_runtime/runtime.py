@@ -8,6 +8,8 @@ One step (batch 1):
    ``k - 1`` drafts);
 2. per sparse target layer, the rows of its draft layer are summed and top-p selected (sink chunk and every chunk
    holding a verified position always kept): one chunk set per layer, shared by all ``k + 1`` verified queries;
+   with an artifact that has a head map, one per (sparse layer, target KV head), from the rows of its mapped draft
+   KV head, with that head's p (both engines);
 3. the target verifies the ``k + 1`` positions in one forward, sparse layers through the block-sparse backend;
 4. greedy or rejection-sampling acceptance; both caches are rolled back to the accepted prefix.
 
@@ -88,8 +90,8 @@ class SpecAttnRuntime:
     ``engine``: ``"static"`` (the decode engine; CUDA graphs and ``torch.compile`` on CUDA), ``"eager"`` (the
     reference loop) or ``"auto"`` (static on CUDA, eager elsewhere). ``compile`` (default: on CUDA) fuses each
     model forward of the static engine with ``torch.compile``. ``per_head``: with an artifact that has a head map,
-    select one chunk set per (sparse layer, KV head) (default where the path reads them: the eager loop with the
-    torch or Triton backend; the decode engine selects per layer, with the head-averaged ``top_p``).
+    select one chunk set per (sparse layer, KV head) (default: on with the torch or Triton backend, in both
+    engines; ``per_head=False`` selects per layer from head-averaged rows, with the artifact's ``top_p``).
     """
 
     engine_class = DecodeEngine  # benchmarks substitute a subclass (forced acceptance on random weights)
@@ -149,8 +151,12 @@ class SpecAttnRuntime:
             self._sparse_p = artifact.top_p_head[self.sparse_layers].flatten().float()
         else:
             self._sparse_p = torch.tensor([self.top_p[j] for j in self.sparse_layers])
+        heads = {}
+        if self.per_head:  # the decode engine's form of the same rows and p
+            heads = dict(head_map=tuple(tuple(self.head_map[j].tolist()) for j in self.sparse_layers),
+                         top_p_head=tuple(tuple(artifact.top_p_head[j].tolist()) for j in self.sparse_layers))
         self.plan = SparsePlan(tuple(self.sparse_layers), tuple(self.layer_map[j] for j in self.sparse_layers),
-                               tuple(self.top_p[j] for j in self.sparse_layers), self.chunk_size)
+                               tuple(self.top_p[j] for j in self.sparse_layers), self.chunk_size, **heads)
         # GPU work is asynchronous: the eager loop's time split is only honest if each phase has finished.
         self._sync = torch.cuda.synchronize if on_cuda else (lambda: None)
         self._caches = _Caches()
@@ -158,17 +164,18 @@ class SpecAttnRuntime:
         self._forwards: dict[str, object] = {}
 
     def _choose_per_head(self, artifact: Artifact, per_head: bool | None) -> bool:
-        """Per-KV-head selection where the artifact has a head map and the path reads per-head selections (the
-        eager loop, torch or Triton backend; the decode engine selects per layer), unless ``per_head=False``."""
+        """Per-KV-head selection where the artifact has a head map and the backend reads per-head selections
+        (torch or Triton, in the eager loop and in the decode engine), unless ``per_head=False``."""
         if per_head and not artifact.per_head:
+            # head maps exist for mode 'draft' only (validated on load): self-speculation's engine selects per layer
             raise ValueError("per_head=True needs an artifact with a head map (mode 'draft', calibrated by specattn "
-                             "with schema 2)")
+                             "with schema 2); a mode 'self' artifact selects per layer in the decode engine")
         if not artifact.per_head or per_head is False:
             return False
-        supported = self.engine == "eager" and self.backend in ("torch", "triton")
+        supported = self.backend in ("torch", "triton")  # FlashInfer's wrapper takes one selection per layer
         if per_head and not supported:
-            raise ValueError(f"per-KV-head selection runs on engine='eager' with backend 'torch' or 'triton'; got "
-                             f"engine={self.engine!r}, backend={self.backend!r} (or pass per_head=False)")
+            raise ValueError(f"per-KV-head selection needs backend 'torch' or 'triton' (engine 'eager' or 'static'); "
+                             f"got backend={self.backend!r} (or pass per_head=False)")
         return supported
 
     @classmethod

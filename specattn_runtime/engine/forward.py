@@ -6,8 +6,8 @@ new tokens' (post-RoPE) query, key and value to one custom op, ``specattn::engin
 
 1. writes the new keys and values into the engine's preallocated cache at ``write_pos`` (a device tensor);
 2. attends over the first ``kv_len`` positions (a device tensor) densely, or over the chunks the selection kernel
-   left in ``idx[:count]`` (device tensors), and, on recording layers, adds the chunk-pooled attention mass to a
-   score row inside the attention kernel.
+   left in ``idx[:count]`` (device tensors; one list per layer, or one per KV head), and, on recording layers,
+   adds the chunk-pooled attention mass to a score row (or one row per KV head) inside the attention kernel.
 
 Everything the op needs besides q/k/v comes from the :class:`ForwardContext` the engine activates around the
 call, not from the op's arguments: the compiled forward is then independent of the cache capacity and of the
@@ -35,8 +35,10 @@ class ForwardContext:
     kv_len: torch.Tensor  # int32 [1]: keys visible to the last query (= write_pos[-1] + 1)
     chunk_size: int
     backend: str  # "triton" | "torch"
-    sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (idx [1, C], count [1])
-    record: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [1, C] score row (+=)
+    # layer -> (idx [1, C], count [1]): one selection for the layer; or (idx [1, Hkv, C], count [1, Hkv]): per KV head
+    sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # layer -> float32 score rows (+=): [1, C] head-averaged, or [1, Hkv, C] per KV head (its query heads averaged)
+    record: dict[int, torch.Tensor] = field(default_factory=dict)
     record_last_query: bool = False  # record the last query's attention only
     launch: dict = field(default_factory=dict)  # Triton launch settings (num_warps, num_stages, ...): speed only
 
@@ -77,7 +79,7 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                       kv_lens=ctx.kv_len, record=rec, record_last_query=ctx.record_last_query,
                                       **ctx.launch)
     else:
-        mask = indices_to_mask(*sel, n_chunks=sel[0].shape[1]) if sel is not None else None
+        mask = indices_to_mask(*sel, n_chunks=sel[0].shape[-1]) if sel is not None else None
         out = attention_with_lengths_reference(query, k_cache, v_cache, ctx.kv_len, mask,
                                                chunk_size=ctx.chunk_size, scale=scale, record=rec,
                                                record_last_query=ctx.record_last_query)

@@ -17,10 +17,10 @@ phases:
 4. ``select``: per sparse layer, top-p (the plan's p) over its recorded row, sink chunk and every chunk from the
    newest verified one on always kept; the result is the next round's ``idx`` / ``count``.
 
-Selection is per layer (head-averaged: one chunk set shared by all KV heads) because the block-sparse kernel takes
-one index list per layer; per-KV-head selection inside the kernels is separate work (issue #12), and the eager
-loop (``selfspec.py``) already selects per KV head, so the two paths may read slightly different chunks (both are
-lossless: only the acceptance differs).
+Selection is per layer (head-averaged: one chunk set shared by all KV heads). The kernels could do per KV head
+(the draft-model engine does: per-head recording and per-head index lists), but this engine has not been moved
+over yet, so it refuses a per-head plan; the eager loop (``selfspec.py``) selects per KV head, so the two paths
+may read slightly different chunks (both are lossless: only the acceptance differs).
 
 The first round after :meth:`start` drafts densely (every chunk selected): no attention has been recorded yet,
 and recording the prompt's last queries would need one more forward. Its acceptance is then the dense draft's.
@@ -67,6 +67,9 @@ class SelfSpecEngine(DecodeEngine):
                  record_launch: dict | None = None, **kwargs):
         if k < 1:
             raise ValueError(f"self-speculation needs k >= 1 drafted tokens, got {k} (use DecodeEngine for k = 0)")
+        if plan.per_head:
+            raise ValueError("SelfSpecEngine selects one chunk set per layer; a per-KV-head plan (head_map) runs on "
+                             "the draft-model DecodeEngine (or the eager self-speculation loop)")
         if tuple(plan.draft_layers) != tuple(plan.sparse_layers):
             raise ValueError("a self-speculation plan guides each sparse layer by itself: draft_layers must equal "
                              f"sparse_layers (build it with self_plan), got {plan.draft_layers} vs "

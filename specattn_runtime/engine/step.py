@@ -8,11 +8,17 @@ selection, the target's logits, the emitted tokens. A step is "replay the phases
    ``L - 1, L`` (rewriting position ``L - 1`` fills the draft's cache for the last drafted token when the previous
    step accepted all ``k``; otherwise it rewrites the same values), then one token at ``L + 1 .. L + k - 1``; the
    mapped layers add the new query's chunk-pooled attention to the score rows inside the attention kernel;
-2. ``select``: one launch of the top-p kernel over the sparse target layers' rows;
+2. ``select``: one launch of the top-p kernel over the sparse target layers' rows, each with its own p;
 3. ``verify``: one ``k + 1``-token forward of the target at the same positions, sparse layers reading only the
    selected chunks;
 4. ``accept``: greedy or rejection-sampling acceptance on the device, then ``L += accepted + 1`` (rolling both
    caches back is that length update), the next step's first token, and the packed output.
+
+Selection is per sparse layer (head-averaged draft rows, the paper's form) or, with a plan that has a head map,
+per (sparse layer, target KV head): the draft then records one row per (mapped layer, draft KV head), its query
+heads averaged, the select phase gathers each target KV head's row from its mapped draft head and runs top-p with
+that head's p, and the verification kernel reads one index list per KV head (one program per KV head already:
+no extra reads).
 
 Nothing is allocated per step, nothing is read back but the packed output (the one synchronisation of a step),
 and CUDA events between the phases time them without adding a synchronisation. ``k = 0`` is plain
@@ -37,12 +43,34 @@ SAMPLING_MODES = ("greedy", "sample", "sample_top_p")
 
 @dataclass(frozen=True)
 class SparsePlan:
-    """Which target layers verify sparsely, guided by which draft layer, at which top-p."""
+    """Which target layers verify sparsely, guided by which draft layer, at which top-p.
+
+    With ``head_map`` and ``top_p_head`` (both or neither; one tuple per sparse layer, one entry per target KV head:
+    the draft KV head guiding that target KV head, and its p), selection is one chunk set per (sparse layer,
+    target KV head) and ``top_p`` is not used; without them, one set per layer from head-averaged draft rows.
+    """
 
     sparse_layers: tuple[int, ...] = ()
     draft_layers: tuple[int, ...] = ()  # guiding draft layer of each sparse layer
     top_p: tuple[float, ...] = ()
     chunk_size: int = 16
+    head_map: tuple[tuple[int, ...], ...] = ()  # [n_sparse][target KV heads]: guiding draft KV head
+    top_p_head: tuple[tuple[float, ...], ...] = ()  # [n_sparse][target KV heads]: p
+
+    def __post_init__(self):
+        if bool(self.head_map) != bool(self.top_p_head):
+            raise ValueError("head_map and top_p_head come together (per-KV-head selection): pass both or neither")
+        n = len(self.sparse_layers)
+        widths = {len(row) for row in self.head_map + self.top_p_head}
+        if self.head_map and (len(self.head_map) != n or len(self.top_p_head) != n or len(widths) != 1 or
+                              0 in widths):
+            raise ValueError(f"head_map and top_p_head need one row per sparse layer ({n}), all of one width (the "
+                             f"target's KV heads); got {len(self.head_map)} and {len(self.top_p_head)} rows of "
+                             f"widths {sorted(widths)}")
+
+    @property
+    def per_head(self) -> bool:
+        return bool(self.head_map)
 
     @property
     def record_layers(self) -> tuple[int, ...]:
@@ -121,20 +149,12 @@ class DecodeEngine:
         self.q_probs = torch.zeros(k + 1, vocab, dtype=torch.float32, device=dev) if sampling != "greedy" and k \
             else None  # the last row stays 0: the bonus position has no draft distribution
         ns = len(plan.sparse_layers)
-        rec = plan.record_layers
-        self.scores = torch.zeros(len(rec), n_chunks, dtype=torch.float32, device=dev)
-        self.score_rows = torch.tensor([rec.index(i) for i in plan.draft_layers], **i64)
-        self.sel_p = torch.tensor(plan.top_p, dtype=torch.float32, device=dev)
-        self.n_valid = torch.zeros(ns, **i32)
-        self.recent_start = torch.zeros(ns, **i32)
-        self.idx = torch.zeros(ns, n_chunks, **i32)
-        self.count = torch.zeros(ns, **i32)
+        self._selection_buffers(n_chunks)
         self.kv_read = torch.zeros(ns, dtype=torch.float64, device=dev)  # summed fraction of keys read, per layer
         # -- what each forward's attention reads
         kv_t = store.kv["target"]
         self.verify_ctx = ForwardContext(kv_t, self.verify_pos, self.verify_len, c, backend,
-                                         sparse={j: (self.idx[r : r + 1], self.count[r : r + 1])
-                                                 for r, j in enumerate(plan.sparse_layers)})
+                                         sparse={j: self._layer_selection(r) for r, j in enumerate(plan.sparse_layers)})
         self.draft_ctx = self._draft_contexts() if k else []
         self.phases = self._phase_table()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
@@ -143,6 +163,61 @@ class DecodeEngine:
         if self.graphs_enabled:
             self._events = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.phases) + 1)]
             self._done = torch.cuda.Event()
+
+    def _selection_buffers(self, n_chunks: int) -> None:
+        """The draft's score rows, the select phase's rows and p, and the selection it writes.
+
+        ``scores`` float32 ``[n_record, C]`` (head-averaged) or ``[n_record, Hkv_draft, C]`` (per KV head): what the
+        mapped draft layers record; ``score_rows`` int64 ``[R]``: the rows of ``scores.view(-1, C)`` the select
+        phase gathers, one per sparse layer or per (sparse layer, target KV head), layer-major; ``sel_p`` float32
+        ``[R]``; ``idx`` int32 ``[R, C]`` / ``count`` int32 ``[R]``: the selection.
+        """
+        plan, dev = self.plan, self.device
+        rec = plan.record_layers
+        if plan.per_head:
+            # The draft records per (mapped draft layer, draft KV head) and selection gathers the (sparse layer,
+            # target KV head) rows from those: a draft layer may guide several target layers and a draft head
+            # several target heads, so recording per target pair would write those rows again in each of the k
+            # draft forwards (inside the attention kernel), where the gather copies each row once per step.
+            hd = self._draft_kv_heads()
+            rows = [rec.index(i) * hd + h for i, heads in zip(plan.draft_layers, plan.head_map) for h in heads]
+            p = [x for ps in plan.top_p_head for x in ps]
+            self.scores = torch.zeros(len(rec), hd, n_chunks, dtype=torch.float32, device=dev)
+        else:
+            rows, p = [rec.index(i) for i in plan.draft_layers], list(plan.top_p)
+            self.scores = torch.zeros(len(rec), n_chunks, dtype=torch.float32, device=dev)
+        n = len(rows)
+        self.score_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
+        self.sel_p = torch.tensor(p, dtype=torch.float32, device=dev)
+        self.n_valid = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.recent_start = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.idx = torch.zeros(n, n_chunks, dtype=torch.int32, device=dev)
+        self.count = torch.zeros(n, dtype=torch.int32, device=dev)
+
+    def _draft_kv_heads(self) -> int:
+        """The draft's KV heads, checked against the plan's head map (and the target's KV heads against its width)."""
+        if "draft" not in self.store.kv:
+            raise ValueError("a per-KV-head plan needs the draft's caches (a KVStore with role 'draft')")
+        hd = self.store.kv["draft"][0][0].shape[1]
+        ht = self.store.kv["target"][0][0].shape[1]
+        if len(self.plan.head_map[0]) != ht:
+            raise ValueError(f"the plan's head_map has {len(self.plan.head_map[0])} entries per layer; the target has "
+                             f"{ht} KV heads")
+        if max(max(heads) for heads in self.plan.head_map) >= hd or min(min(h) for h in self.plan.head_map) < 0:
+            raise ValueError(f"the plan's head_map names draft KV heads outside [0, {hd})")
+        return hd
+
+    def _layer_selection(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse layer ``r``'s selection as its attention reads it: ``(idx [1, C], count [1])``, or per KV head
+        ``(idx [1, Hkv, C], count [1, Hkv])`` (views of ``idx`` / ``count``)."""
+        if not self.plan.per_head:
+            return self.idx[r : r + 1], self.count[r : r + 1]
+        ns, c = len(self.plan.sparse_layers), self.idx.shape[1]
+        return self.idx.view(ns, -1, c)[r : r + 1], self.count.view(ns, -1)[r : r + 1]
+
+    def _layer_counts(self) -> torch.Tensor:
+        """float64 ``[n_sparse]``: chunks each sparse layer reads (the mean over its KV heads when per head)."""
+        return self.count.view(len(self.plan.sparse_layers), -1).double().mean(-1)
 
     def _draft_contexts(self) -> list[ForwardContext]:
         """What each of the ``k`` draft forwards' attention reads and records (subclasses draft differently)."""
@@ -198,7 +273,7 @@ class DecodeEngine:
         c = self.plan.chunk_size
         self.n_valid.copy_(((n_keys + c - 1) // c).expand_as(self.n_valid))
         self.recent_start.copy_(recent_start.expand_as(self.recent_start))
-        rows = self.scores.index_select(0, self.score_rows)
+        rows = self.scores.view(-1, self.scores.shape[-1]).index_select(0, self.score_rows)  # [R, C]
         if self.backend == "triton":
             from ..selection.triton_select import topp_select_triton
 
@@ -242,7 +317,7 @@ class DecodeEngine:
             c = self.plan.chunk_size  # padding past the last key is not a read)
             n_keys = self.verify_len.double()
             pad = torch.ceil(n_keys / c) * c - n_keys
-            self.kv_read.add_((self.count.double() * c - pad) / n_keys)
+            self.kv_read.add_((self._layer_counts() * c - pad) / n_keys)
 
     def _emit(self, n: torch.Tensor, emitted: torch.Tensor) -> None:
         self.out[:1].copy_(n + 1)
@@ -333,5 +408,6 @@ class DecodeEngine:
         return out[1 : 1 + out[0]]
 
     def kv_read_sum(self) -> list[float]:
-        """Per sparse layer, the fraction of keys its verification read, summed over steps (reads the device)."""
+        """Per sparse layer, the fraction of keys its verification read (the mean over its KV heads when selecting per
+        head), summed over steps (reads the device)."""
         return self.kv_read.tolist()

@@ -20,6 +20,8 @@ attention with a device-side length. ``RECORD`` also writes, per query row and c
 logit and its sum of exponentials relative to that max (log2 domain). Once the row's log-sum-exp is known
 (``_combine_kernel`` writes it), the chunk's attention mass is ``l_c * 2**(m_c - lse)``: the draft's chunk-pooled
 attention, computed without a probability matrix and without a second pass over the keys.
+``_pool_record_kernel`` sums those masses into score rows: one per sequence (head-averaged) or one per KV head
+(its group of query heads averaged: per-KV-head selection).
 """
 
 import triton
@@ -173,27 +175,31 @@ def _combine_kernel(
 @triton.jit
 def _pool_record_kernel(
     rec_m_ptr, rec_l_ptr, lse_ptr, len_ptr, scores_ptr, n_rows, n_cap, weight,
-    stride_rb, stride_rrow, stride_sb,
+    stride_rb, stride_rrow, stride_sb, stride_so,
     CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, Q_LEN: tl.constexpr,
     LAST_ONLY: tl.constexpr,
 ):
-    """``scores[b, c] += weight * sum_rows l[row, c] * 2^(m[row, c] - lse[row])`` for the chunks ``c`` the rows
-    could read (``c < ceil(len / CHUNK)``; entries past it were never written). One program per block of chunks,
-    ``BLOCK_R`` rows at a time; the sum runs in a fixed order, so the result does not depend on the launch.
-    ``LAST_ONLY``: only the rows of the last query (row ``r`` is query ``r % Q_LEN``)."""
+    """``scores[b, o, c] += weight * sum_rows l[row, c] * 2^(m[row, c] - lse[row])`` over the ``n_rows`` rows
+    ``o * n_rows ..`` of output ``o`` (program axis 2: one output pooling every row of every KV head, or one per KV
+    head, whose rows are consecutive), for the chunks ``c`` the rows could read (``c < ceil(len / CHUNK)``; entries
+    past it were never written). One program per block of chunks and output, ``BLOCK_R`` rows at a time; the sum
+    runs in a fixed order, so the result does not depend on the launch. ``LAST_ONLY``: only the rows of the last
+    query (row ``r`` is query ``r % Q_LEN``)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
+    o = tl.program_id(2)
+    rows_b = n_rows * tl.num_programs(2)  # query rows of a sequence, over all its KV heads
     offs = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     n_keys = tl.load(len_ptr + b)
     ok = offs < tl.cdiv(n_keys, CHUNK)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_R):
-        r = r0 + offs_r
-        r_ok = r < n_rows
+        r = o * n_rows + r0 + offs_r
+        r_ok = r0 + offs_r < n_rows
         if LAST_ONLY:
             r_ok = r_ok & (r % Q_LEN == Q_LEN - 1)
-        lse = tl.load(lse_ptr + b * n_rows + r, mask=r_ok, other=0.0)
+        lse = tl.load(lse_ptr + b * rows_b + r, mask=r_ok, other=0.0)
         ptrs = b * stride_rb + r[:, None] * stride_rrow + offs[None, :]
         both = r_ok[:, None] & ok[None, :]
         m = tl.load(rec_m_ptr + ptrs, mask=both, other=0.0)
@@ -201,5 +207,6 @@ def _pool_record_kernel(
         # l = 0: a chunk this row never read, or one it could not see
         acc += tl.sum(tl.where(both & (l_c > 0), l_c * tl.exp2(m - lse[:, None]), 0.0), axis=0)
     in_cap = offs < n_cap
-    prev = tl.load(scores_ptr + b * stride_sb + offs, mask=in_cap, other=0.0)
-    tl.store(scores_ptr + b * stride_sb + offs, prev + weight * acc, mask=in_cap)
+    out = scores_ptr + b * stride_sb + o * stride_so + offs
+    prev = tl.load(out, mask=in_cap, other=0.0)
+    tl.store(out, prev + weight * acc, mask=in_cap)

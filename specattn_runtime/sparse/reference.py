@@ -102,33 +102,39 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     kv_lens : torch.Tensor
         int ``[B]``.
     chunk_mask : torch.Tensor, optional
-        bool ``[B, >= ceil(cap / chunk_size)]``: the selected chunks; ``None`` = dense.
+        bool ``[B, >= ceil(cap / chunk_size)]``: the selected chunks, or ``[B, Hkv, >= ceil(cap / chunk_size)]``:
+        one selection per KV head, read by its group's query heads; ``None`` = dense.
     record : torch.Tensor, optional
         float32 ``[B, >= ceil(cap / chunk_size)]``: ``record_weight`` (default ``1 / H``) times the attention mass
-        of each chunk, summed over heads and queries (the last query only with ``record_last_query``), is added.
+        of each chunk, summed over heads and queries (the last query only with ``record_last_query``), is added;
+        float32 ``[B, Hkv, >= ceil(cap / chunk_size)]``: per KV head, summed over its group's query heads (default
+        weight ``Hkv / H``: the group's mean).
     """
     b, h, tq, d = q.shape
     hkv, cap = k.shape[1], k.shape[2]
     scale = scale if scale is not None else d ** -0.5
     key_pos = torch.arange(cap, device=q.device)
     q_pos = (kv_lens.to(q.device).long()[:, None] - tq + torch.arange(tq, device=q.device)).clamp_min(0)  # [B, Tq]
-    visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Tq, cap]: causal, hence also < kv_lens
+    allowed = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, Tq, cap]: causal, hence < kv_lens
     if chunk_mask is not None:
         n_chunks = -(-cap // chunk_size)
-        visible = visible & key_mask_from_chunks(chunk_mask[:, :n_chunks], cap, chunk_size)[:, None, :]
+        keys = key_mask_from_chunks(chunk_mask[..., :n_chunks], cap, chunk_size)  # [B, cap] or [B, Hkv, cap]
+        # per KV head: a group's query heads are consecutive (head i reads KV head i // (H / Hkv))
+        keys = keys.repeat_interleave(h // hkv, dim=1) if keys.ndim == 3 else keys[:, None]  # [B, 1 or H, cap]
+        allowed = allowed & keys[:, :, None, :]  # [B, 1 or H, Tq, cap]
     if record is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=scale,
-                                              enable_gqa=h != hkv)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=h != hkv)
     qg = q.reshape(b, hkv, (h // hkv) * tq, d)  # GQA: a KV group's query heads are consecutive
     logits = torch.matmul(qg, k.transpose(2, 3)).view(b, h, tq, cap) * scale
-    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     out = torch.matmul(probs.to(q.dtype).view(b, hkv, (h // hkv) * tq, cap), v).view(b, h, tq, v.shape[-1])
-    mass = (probs[:, :, -1:] if record_last_query else probs).reshape(b, -1, cap)
+    outputs = hkv if record.ndim == 3 else 1  # score rows: one per KV head, or one for all heads
+    mass = (probs[:, :, -1:] if record_last_query else probs).reshape(b, outputs, -1, cap)
     pad = -cap % chunk_size
     if pad:
         mass = F.pad(mass, (0, pad))
-    pooled = mass.view(b, mass.shape[1], -1, chunk_size).sum(-1).sum(1)  # [B, C]
-    weight = (1.0 / h) if record_weight is None else float(record_weight)
-    record[:, : pooled.shape[1]] += weight * pooled
+    pooled = mass.view(b, outputs, mass.shape[2], -1, chunk_size).sum(-1).sum(2)  # [B, outputs, C]
+    weight = (outputs / h) if record_weight is None else float(record_weight)
+    record[..., : pooled.shape[-1]] += weight * (pooled if record.ndim == 3 else pooled[:, 0])
     return out

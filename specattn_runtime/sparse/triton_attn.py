@@ -45,7 +45,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     record : torch.Tensor, optional
         float32 ``[B, >= ceil(Tk / chunk_size)]``: adds ``record_weight`` (default ``1 / H``) times each chunk's
         attention mass, summed over heads and queries, to this buffer (the head-averaged, chunk-pooled
-        attention the draft records), computed inside the attention kernel. ``record_last_query``: the last
+        attention the draft records), computed inside the attention kernel. float32 ``[B, Hkv, >= ceil(Tk /
+        chunk_size)]``: one row per KV head, summed over its group's query heads and the queries (``record_weight``
+        default ``Hkv / H``: the group's mean), for per-KV-head selection. ``record_last_query``: the last
         query's rows only (a forward that also rewrites the previous position records the new token's row).
     chunks_per_iter, num_warps, num_stages : int
         Launch settings (chunks gathered per key tile, warps, software-pipelining depth): the speed, never the
@@ -97,10 +99,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     rows = group * tq
     if record is not None:
         n_chunks = -(-tk // chunk_size)
-        if record.dtype != torch.float32 or record.ndim != 2 or record.shape[0] != b or record.shape[1] < n_chunks \
-                or record.stride(-1) != 1:
-            raise ValueError(f"record must be float32 [B={b}, >= {n_chunks}] with contiguous rows, got "
-                             f"{record.dtype} {tuple(record.shape)}")
+        _check_record(record, b, hkv, n_chunks)
         # dense attention visits (and writes) every chunk up to the length; a selection leaves the others unread
         new = torch.empty if dense else torch.zeros
         rec_m = new(b, hkv, rows, n_chunks, dtype=torch.float32, device=q.device)
@@ -139,15 +138,25 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     )
     if record is not None:
         lens = kv_lens if ragged else torch.full((b,), tk, dtype=torch.int32, device=q.device)
-        weight = (1.0 / h) if record_weight is None else float(record_weight)
+        heads = record.ndim == 3  # one row per KV head: each pools its own group's rows
+        outputs, pooled_rows = (hkv, rows) if heads else (1, hkv * rows)
+        weight = (outputs / h) if record_weight is None else float(record_weight)
         block_c = 128
-        _pool_record_kernel[(triton.cdiv(record.shape[1], block_c), b)](
-            rec_m, rec_l, lse, lens, record, hkv * rows, record.shape[1], weight,
-            rec_m.stride(0), rec_m.stride(2), record.stride(0), CHUNK=chunk_size, BLOCK_C=block_c,
-            BLOCK_R=min(32, triton.next_power_of_2(hkv * rows)), Q_LEN=tq, LAST_ONLY=bool(record_last_query),
-            num_warps=4,
+        _pool_record_kernel[(triton.cdiv(record.shape[-1], block_c), b, outputs)](
+            rec_m, rec_l, lse, lens, record, pooled_rows, record.shape[-1], weight,
+            rec_m.stride(0), rec_m.stride(2), record.stride(0), record.stride(1) if heads else 0, CHUNK=chunk_size,
+            BLOCK_C=block_c, BLOCK_R=min(32, triton.next_power_of_2(pooled_rows)), Q_LEN=tq,
+            LAST_ONLY=bool(record_last_query), num_warps=4,
         )
     return out
+
+
+def _check_record(record: torch.Tensor, b: int, hkv: int, n_chunks: int) -> None:
+    """A recording buffer is ``[B, >= n_chunks]`` (head-averaged) or ``[B, Hkv, >= n_chunks]`` (per KV head)."""
+    shape_ok = (record.ndim == 2 and record.shape[0] == b) or (record.ndim == 3 and record.shape[:2] == (b, hkv))
+    if record.dtype != torch.float32 or not shape_ok or record.shape[-1] < n_chunks or record.stride(-1) != 1:
+        raise ValueError(f"record must be float32 [B={b}, >= {n_chunks}] or [B={b}, Hkv={hkv}, >= {n_chunks}] with "
+                         f"contiguous rows, got {record.dtype} {tuple(record.shape)}")
 
 
 def _check_lens(b: int, kv_lens: torch.Tensor, device: torch.device) -> torch.Tensor:
