@@ -46,6 +46,8 @@ from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, GROUP_HEAD_CALIBRATED, 
 
 DEFAULT_GLOBAL_P = (0.95, 0.97, 0.99)
 DEFAULT_CURVE_BUDGETS = (0.85, 0.98)
+HEAD_CURVE_P = (0.8, 0.9, 0.95, 0.97, 0.99)  # per-head curve points of a full run
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def p_for_recall(p_grid: torch.Tensor, recall: torch.Tensor, budget: float) -> float:
@@ -99,41 +101,46 @@ def build_methods(art: Artifact, global_p: tuple[float, ...], curve_budgets: tup
                         Method(head, "oracle_head", top_p, group="Oracle top-p per KV head", x=b, in_table=True),
                         Method(f"quest-head-cal-r{b:g}", "quest", match=head, group="Quest at per-head oracle KV",
                                x=b, in_table=True)]
-    if art.per_head:  # the per-head curve only in full runs (a pass per p and text)
-        methods += per_head_methods(art, own_budget, () if quick else global_p)
+    if art.per_head:  # the per-head curve only in full runs (three passes per p and text)
+        curve = () if quick else tuple(set(HEAD_CURVE_P) | set(global_p))
+        methods += per_head_methods(art, own_budget, global_p, curve)
     sweep = sorted(set(global_p) | (set() if quick else {0.9}))
     methods += [Method(f"specattn-p{p:g}", "specattn", dense_p(p), group=GROUP_GLOBAL, x=p, in_table=p in global_p)
                 for p in (global_p if quick else sweep)]
     return methods
 
 
-def per_head_methods(art: Artifact, own_budget: float, global_p: tuple[float, ...]) -> list[Method]:
-    """Per-KV-head SpecAttn at the artifact's per-head p (a table row, with Quest and StreamingLLM at its chunk
-    counts) and at each global p (its curve)."""
+def per_head_methods(art: Artifact, own_budget: float, global_p: tuple[float, ...],
+                     curve_p: tuple[float, ...] = ()) -> list[Method]:
+    """Per-KV-head SpecAttn at the artifact's per-head p, and at one p for every sparse head for each of
+    ``curve_p`` (its curve; the ``global_p`` among them are table rows), each followed by Quest and StreamingLLM
+    at its chunk counts (per query, averaged over heads: the same KV)."""
     head_map = tuple(map(tuple, art.head_map.tolist()))
     dense = art.layer_map == -1
-    cal = f"specattn-head-cal-r{own_budget:g}"
-    methods = [
-        Method(cal, "specattn_head", head_map=head_map, top_p_head=tuple(map(tuple, art.top_p_head.tolist())),
-               group=GROUP_HEAD_CALIBRATED, x=own_budget, in_table=True),
-        Method(f"quest-head-spec-r{own_budget:g}", "quest", match=cal, group="Quest at per-head SpecAttn KV",
-               x=own_budget, in_table=True),
-        Method(f"streaming-head-spec-r{own_budget:g}", "streaming", match=cal,
-               group="StreamingLLM at per-head SpecAttn KV", x=own_budget, in_table=True),
-    ]
-    for p in global_p:
-        uniform = torch.where(dense[:, None], 1.0, float(p)).expand_as(art.top_p_head)
-        methods.append(Method(f"specattn-head-p{p:g}", "specattn_head", head_map=head_map,
-                              top_p_head=tuple(map(tuple, uniform.tolist())), group=GROUP_HEAD_GLOBAL,
-                              x=p, in_table=True))
+    points = [(f"r{own_budget:g}", GROUP_HEAD_CALIBRATED, own_budget, art.top_p_head, True)]
+    for p in sorted(curve_p):
+        points.append((f"p{p:g}", GROUP_HEAD_GLOBAL, p,
+                       torch.where(dense[:, None], 1.0, float(p)).expand_as(art.top_p_head), p in global_p))
+    methods = []
+    for tag, group, x, top_p_head, row in points:
+        name = f"specattn-head-{'cal-' if group == GROUP_HEAD_CALIBRATED else ''}{tag}"
+        methods += [
+            Method(name, "specattn_head", head_map=head_map, top_p_head=tuple(map(tuple, top_p_head.tolist())),
+                   group=group, x=x, in_table=row),
+            Method(f"quest-head-spec-{tag}", "quest", match=name, group="Quest at per-head SpecAttn KV", x=x,
+                   in_table=row),
+            Method(f"streaming-head-spec-{tag}", "streaming", match=name,
+                   group="StreamingLLM at per-head SpecAttn KV", x=x, in_table=row),
+        ]
     return methods
 
 
 @functools.lru_cache(maxsize=1)
-def evaluation_models(draft_dir: str, target_dir: str):
-    """``(target, draft)`` under the evaluation and recording attentions, loaded once per process (a Dask worker
-    evaluating several shards loads them once); ``evaluation_models.cache_clear()`` frees them."""
-    target = load_causal_lm(target_dir, role="target", attn_implementation=sparse_eval.register())
+def evaluation_models(draft_dir: str, target_dir: str, dtype: str = "float32"):
+    """``(target, draft)`` under the evaluation and recording attentions, the target in ``dtype``, loaded once per
+    process (a Dask worker evaluating several shards loads them once); ``evaluation_models.cache_clear()`` frees
+    them. The draft stays float32: one pass per text, and its attention decides every selection."""
+    target = load_causal_lm(target_dir, role="target", dtype=DTYPES[dtype], attn_implementation=sparse_eval.register())
     draft = load_causal_lm(draft_dir, role="draft", attn_implementation=capture.register())
     for m in (target, draft):
         check_supported(m.config, variants=True)
@@ -141,10 +148,11 @@ def evaluation_models(draft_dir: str, target_dir: str):
 
 
 def window_results(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_map: list[int],
-                   methods: list[Method], chunk_size: int, prefill_fraction: float, progress: bool = True) -> list:
+                   methods: list[Method], chunk_size: int, prefill_fraction: float, progress: bool = True,
+                   dtype: str = "float32") -> list:
     """Every method on every window (one teacher-forced pass each): per window, ``{method: WindowResult}``."""
     prefill = math.ceil(prefill_fraction * windows.shape[1])
-    target, draft = evaluation_models(draft_dir, target_dir)
+    target, draft = evaluation_models(draft_dir, target_dir, dtype)
     results = []
     with tqdm(total=windows.shape[0] * len(methods), desc="evaluate", unit="pass", disable=not progress) as bar:
         for w in windows:
@@ -154,10 +162,11 @@ def window_results(draft_dir: str, target_dir: str, windows: torch.Tensor, layer
 
 
 def run_methods(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_map: list[int],
-                methods: list[Method], chunk_size: int, prefill_fraction: float, progress: bool = True) -> dict:
+                methods: list[Method], chunk_size: int, prefill_fraction: float, progress: bool = True,
+                dtype: str = "float32") -> dict:
     """Every method on every window in this process; the aggregated per-method summary."""
     results = window_results(draft_dir, target_dir, windows, layer_map, methods, chunk_size, prefill_fraction,
-                             progress)
+                             progress, dtype)
     evaluation_models.cache_clear()
     return sparse_eval.summarize(results, methods, layer_map)
 
@@ -165,20 +174,21 @@ def run_methods(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_ma
 @task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=2, retry_delay_seconds=2,
       task_run_name="evaluate-texts-{start}:{stop}")
 def evaluate_texts(draft_dir: str, target_dir: str, windows: torch.Tensor, start: int, stop: int,
-                   layer_map: list[int], methods: list[Method], chunk_size: int, prefill_fraction: float) -> list:
+                   layer_map: list[int], methods: list[Method], chunk_size: int, prefill_fraction: float,
+                   dtype: str = "float32") -> list:
     """One shard of the evaluation: texts ``[start, stop)``, every method (task-cached on its inputs)."""
     return window_results(draft_dir, target_dir, windows[start:stop], layer_map, methods, chunk_size,
-                          prefill_fraction, progress=False)
+                          prefill_fraction, progress=False, dtype=dtype)
 
 
 @flow(name="evaluate-texts", log_prints=True)
 def evaluate_sharded(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_map: list[int],
                      methods: list[Method], chunk_size: int, prefill_fraction: float, texts_per_shard: int = 1,
-                     dask_resources: dict | None = None) -> list:
+                     dask_resources: dict | None = None, dtype: str = "float32") -> list:
     """:func:`window_results` over shards of texts, on the subflow's task runner (:mod:`pipelines.collect`)."""
     with annotate(dask_resources):
         futures = [evaluate_texts.submit(draft_dir, target_dir, windows, s, min(s + texts_per_shard, len(windows)),
-                                         layer_map, methods, chunk_size, prefill_fraction)
+                                         layer_map, methods, chunk_size, prefill_fraction, dtype)
                    for s in range(0, len(windows), texts_per_shard)]
     wait_with_progress(futures, "evaluation shards")
     evaluation_models.cache_clear()  # this process may have run shards: free the models it kept
@@ -220,13 +230,15 @@ def check_params(artifact: str = "artifacts/quick/latest.safetensors", preset: s
                  draft: str | None = None, target: str | None = None, text: str | None = None,
                  text_tokens: int = 2048, num_texts: int = 4, prefill_fraction: float = 0.1,
                  global_p: tuple[float, ...] = DEFAULT_GLOBAL_P, curve_budgets: tuple[float, ...] = DEFAULT_CURVE_BUDGETS,
-                 **_) -> None:
+                 dtype: str = "float32", **_) -> None:
     """The flow's parameters, checked without a Prefect server or a model (the artifact file is read: it is
     small); the flow calls it first, ``python -m pipelines.evaluate`` before it starts the flow."""
-    if not 0.0 <= prefill_fraction < 1.0:
-        raise ValueError(f"prefill_fraction must lie in [0, 1), got {prefill_fraction}")
+    if not 0.0 < prefill_fraction < 1.0:  # the first position has no context to be sparse over: always dense
+        raise ValueError(f"prefill_fraction must lie in (0, 1), got {prefill_fraction}")
     if num_texts < 1:
         raise ValueError(f"num_texts must be >= 1, got {num_texts}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     for name, values in (("global p", global_p), ("curve budget", curve_budgets)):
         bad = [v for v in values if not 0.0 < v <= 1.0]
         if bad:
@@ -263,6 +275,7 @@ def evaluate(
     workers: int = 0,
     texts_per_shard: int = 1,
     dask_resources: dict[str, float] | None = None,
+    dtype: str = "float32",
 ) -> str:
     """Evaluate an artifact on long text; return the path of the evaluation JSON.
 
@@ -291,11 +304,14 @@ def evaluate(
     dask_address, workers, texts_per_shard, dask_resources
         Where the passes run, as in the ``calibrate`` flow (:mod:`pipelines.collect`): shards of
         ``texts_per_shard`` texts on an existing Dask cluster, a local one of ``workers`` processes, or here.
+    dtype : str
+        ``float32`` (default) or ``bfloat16`` for both models: ~2.7x faster on a CPU with AMX (measured on
+        qwen-coder, bench/RESULTS.md, with its effect on the perplexity increases).
     """
     log = get_run_logger()
     t_start = time.perf_counter()
     check_params(artifact, preset, draft, target, text, text_tokens, num_texts, prefill_fraction, global_p,
-                 curve_budgets)
+                 curve_budgets, dtype)
     check_cluster_params(dask_address, workers, texts_per_shard, dask_resources)
     art_path = Path(artifact).expanduser()
     art = load_artifact(art_path)
@@ -319,7 +335,7 @@ def evaluate(
              len(labels) * len(methods))
     passes = evaluate_sharded.with_options(task_runner=task_runner(dask_address, workers))
     results = passes(draft_dir, target_dir, windows, art.layer_map.tolist(), methods, art.chunk_size,
-                     prefill_fraction, texts_per_shard, dask_resources)
+                     prefill_fraction, texts_per_shard, dask_resources, dtype)
     rows = sparse_eval.summarize(results, methods, art.layer_map.tolist())
     seconds = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +343,7 @@ def evaluate(
         "artifact": str(art_path.resolve()), "draft": draft_dir, "target": target_dir,
         "text": {"corpus": corpus_name, "windows": labels, "tokens": text_tokens,
                  "sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()},
-        "protocol": {"prefill_fraction": prefill_fraction, "chunk_size": art.chunk_size,
+        "protocol": {"prefill_fraction": prefill_fraction, "chunk_size": art.chunk_size, "dtype": dtype,
                      "dense_layers": art.dense_layers, "quick": quick,
                      "kv_reduction": "1 - keys read / keys visible, summed over scored queries"},
         "layer_map": art.layer_map.tolist(), "top_p": art.top_p.tolist(),
@@ -358,7 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text", help=".txt book(s); default: Jane Austen's novels")
     ap.add_argument("--text-tokens", type=int)
     ap.add_argument("--num-texts", type=int)
-    ap.add_argument("--prefill-fraction", type=float)
+    ap.add_argument("--prefill-fraction", type=float,
+                    help="dense share of each text (default 0.1); the rest is scored, e.g. 0.67 with "
+                         "--text-tokens 6144 scores the last 2,048 positions against a 4K+ context")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default float32)")
     ap.add_argument("--global-p", type=float, nargs="+")
     ap.add_argument("--curve-budgets", type=float, nargs="+")
     ap.add_argument("--quick", action="store_true", help="table rows only, one short text unless told otherwise")

@@ -83,6 +83,21 @@ def cumulative_perplexity(step_nll: list[float]) -> list[float]:
     return out
 
 
+def curve_style(group: str) -> dict:
+    """Matplotlib style of a curve: colour by method family (SpecAttn, SpecAttn per KV head, Quest, StreamingLLM,
+    oracle), dashed where the selection or the budget it copies is per KV head, square markers for global p."""
+    per_head = "per-head" in group or "per KV head" in group
+    if group.startswith("SpecAttn"):
+        color = "tab:red" if per_head else "tab:blue"
+    else:
+        color = next(c for key, c in (("Quest", "tab:green"), ("StreamingLLM", "tab:gray"),
+                                      ("Oracle", "tab:purple"), ("", "tab:olive")) if key in group)
+    style = {"color": color, "ls": "--" if per_head else "-", "marker": "s" if "global p" in group else "o"}
+    if "oracle KV" in group:  # a baseline at the oracle's budget: a reference point, not a competitor's curve
+        style.update(ls=":", marker="x")
+    return style
+
+
 def plot_tradeoff(methods: dict[str, dict], path: str | Path, title: str = "") -> Path:
     """PNG: perplexity increase vs KV reduction (all layers), one curve per method, plus the goal box."""
     import matplotlib
@@ -90,10 +105,10 @@ def plot_tradeoff(methods: dict[str, dict], path: str | Path, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     for group, pts in sorted(curves(methods).items()):
         xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
-        ax.plot(xs, ys, marker="o", label=group)
+        ax.plot(xs, ys, label=group, **curve_style(group))
     ax.axhline(5, color="grey", lw=0.8, ls="--")
     ax.axvline(75, color="grey", lw=0.8, ls="--")
     ax.text(75.5, 5.5, "goal: >= 75% KV skipped at <= 5% PPL", fontsize=7, color="grey")
@@ -101,7 +116,7 @@ def plot_tradeoff(methods: dict[str, dict], path: str | Path, title: str = "") -
     ax.set_ylabel("perplexity increase over dense (%)")
     ax.set_yscale("symlog", linthresh=1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves fill the axes
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)

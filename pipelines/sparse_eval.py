@@ -4,7 +4,8 @@ Protocol (DESIGN.md section 5, after the paper): a text of ``T`` tokens, the fir
 densely; every later query ``t`` is a decode step that reads only its selected KV chunks in the sparse layers.
 Because query ``t``'s keys and values come from positions ``<= t``, whose own hidden states were computed under
 their own masks, running all positions at once with a per-query block mask gives exactly the logits of
-decoding token by token (``tests/test_sparse_eval.py`` checks this against the runtime's sparse attention).
+decoding token by token (``tests/test_sparse_eval.py`` checks this against the runtime's sparse attention). The
+dense prefill runs once per text into a KV cache; each method's pass runs the decode queries on top of it.
 
 Methods select chunks per (layer, query):
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from specattn_runtime.cache import preallocated_cache
 from specattn_runtime.capture import AttentionRecorder, register_attention, softmax_attention
 from specattn_runtime.selection import select_chunks
 from specattn_runtime.variants import variant_of, visible
@@ -78,38 +80,40 @@ class PassMasks:
     read: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def token_mask(chunks: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Chunk selection ``[..., T, C]`` -> causal key mask ``[..., T, T]`` (key ``s`` read by query ``t``)."""
-    t = chunks.shape[-2]
-    keys = chunks.repeat_interleave(chunk_size, dim=-1)[..., :t]
-    return keys & torch.ones(t, t, dtype=torch.bool, device=chunks.device).tril()
+def token_mask(chunks: torch.Tensor, chunk_size: int, n_keys: int | None = None) -> torch.Tensor:
+    """Chunk selection ``[..., Tq, C]`` -> causal key mask ``[..., Tq, n_keys]`` (key ``s`` read by query ``t``),
+    the ``Tq`` queries being the last of ``n_keys`` positions (default ``n_keys = Tq``)."""
+    tq = chunks.shape[-2]
+    tk = tq if n_keys is None else n_keys
+    return chunks.repeat_interleave(chunk_size, dim=-1)[..., :tk] & visible(tq, tk, None, chunks.device)
 
 
 def _eval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     specattn_eval: PassMasks | None = None, **kwargs):
-    # query [1, H, T, D]; key/value [1, Hkv, T, D]; attention_mask ignored: batch 1, no padding, causal. The mask
-    # is rebuilt from the layer's variant (window), so the dense pass is transformers' own attention.
+    # query [1, H, Tq, D]: the last Tq of the Tk positions in key/value [1, Hkv, Tk, D] (Tq < Tk after a cached
+    # dense prefix); attention_mask ignored: batch 1, no padding, causal. The mask is rebuilt from the layer's
+    # variant (window), so the dense pass is transformers' own attention.
     st, layer = specattn_eval, module.layer_idx
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     variant = variant_of(kwargs)
-    t = query.shape[2]
-    allowed = visible(t, t, variant.window, query.device)[None]  # [1, T, T]: what dense attention reads
+    tq, tk = query.shape[2], key.shape[2]
+    allowed = visible(tq, tk, variant.window, query.device)[None]  # [1, Tq, Tk]: what dense attention reads
     if st is not None and layer in st.chunks:
-        chunks = st.chunks[layer]  # [T, C], or [H, T, C] per query head
-        allowed = allowed & (token_mask(chunks, st.chunk_size) if chunks.dim() == 3 else
-                             token_mask(chunks, st.chunk_size)[None])
+        chunks = st.chunks[layer]  # [Tq, C], or [H, Tq, C] per query head
+        allowed = allowed & (token_mask(chunks, st.chunk_size, tk) if chunks.dim() == 3 else
+                             token_mask(chunks, st.chunk_size, tk)[None])
     elif st is not None and layer in st.quest_budget:
-        chunks = quest_mask(query[0], key[0], st.quest_budget[layer], st.chunk_size)  # [H, T, C]
-        allowed = allowed & token_mask(chunks, st.chunk_size)  # [H, T, T]
+        chunks = quest_mask(query[0], key[0], st.quest_budget[layer], st.chunk_size)  # [H, Tq, C]
+        allowed = allowed & token_mask(chunks, st.chunk_size, tk)  # [H, Tq, Tk]
     if st is not None:
-        st.read[layer] = allowed.sum(-1).float().mean(0)  # [T] keys read per query, averaged over heads
+        st.read[layer] = allowed.sum(-1).float().mean(0)  # [Tq] keys read per query, averaged over heads
     if st is not None and st.recorder is not None and st.recorder.wants(layer):
         out, probs = softmax_attention(query, key, value, allowed[None], scale, variant)
         st.recorder.record(layer, probs, key.shape[1])  # the target's own rows: the oracles' input
         return out, None
     if variant.softcap is not None or variant.sinks is not None:  # SDPA has neither
         return softmax_attention(query, key, value, allowed[None], scale, variant)[0], None
-    if allowed.shape[0] == 1 and variant.window is None and (st is None or layer not in st.chunks):
+    if tq == tk and allowed.shape[0] == 1 and variant.window is None and (st is None or layer not in st.chunks):
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[None], scale=scale,
@@ -131,9 +135,18 @@ def topp_chunks(rows: torch.Tensor, p: float, prefill: int, chunk_size: int) -> 
     t, c = rows.shape
     n_valid = torch.arange(t) // chunk_size + 1
     sel = n_valid[:, None] > torch.arange(c)[None, :]  # dense, causal at chunk level
-    if p < 1.0 and prefill < t:
-        sel[prefill:] = select_chunks(rows[prefill:], p, n_valid[prefill:])
+    if prefill < t:
+        sel[prefill:] = decode_chunks(rows[prefill:], p, prefill, chunk_size)
     return sel
+
+
+def decode_chunks(rows: torch.Tensor, p: float, first: int, chunk_size: int) -> torch.Tensor:
+    """Top-p selection for decode queries at positions ``first, first + 1, ...``: ``rows`` ``[Tq, C]`` -> bool
+    ``[Tq, C]`` (p = 1: every visible chunk)."""
+    n_valid = (first + torch.arange(rows.shape[0])) // chunk_size + 1
+    if p >= 1.0:
+        return n_valid[:, None] > torch.arange(rows.shape[1])[None, :]
+    return select_chunks(rows, p, n_valid)
 
 
 @dataclass
@@ -148,58 +161,77 @@ class WindowResult:
     chunks: torch.Tensor
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor, prefill: int) -> torch.Tensor:
-    # logits [T - prefill, V] of queries prefill .. T-1 -> NLL of tokens prefill+1 .. T-1
-    lp = torch.log_softmax(logits[:-1].double(), -1)
-    return -lp.gather(-1, ids[prefill + 1 :, None]).squeeze(-1)
+def _nll(logits: torch.Tensor, ids: torch.Tensor, prefill: int, block: int = 256) -> torch.Tensor:
+    # logits [T - prefill, V] of queries prefill .. T-1 -> float64 NLL of tokens prefill+1 .. T-1. In row blocks:
+    # a float64 log-softmax of 2,047 x 152K logits (Qwen's vocabulary) alone would take 2.5 GB.
+    targets = ids[prefill + 1 :]
+    out = []
+    for i in range(0, targets.numel(), block):
+        tgt = targets[i : i + block]
+        rows = logits[i : i + tgt.numel()].double()  # the last query predicts past the text: never scored
+        out.append(rows.logsumexp(-1) - rows.gather(-1, tgt[:, None]).squeeze(-1))
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], methods: list[Method],
                     chunk_size: int, prefill: int, on_method=None) -> dict[str, WindowResult]:
     """Run every method on one text ``ids`` (int64 ``[T]``); models loaded with ``specattn_eval`` (target) and
-    ``specattn_record`` (draft). ``on_method(name)`` is called after each pass (progress bars)."""
+    ``specattn_record`` (draft). ``on_method(name)`` is called after each pass (progress bars).
+
+    The prefill is dense in every method, so its keys and values are too: the target runs it once into a cache
+    and each method's pass runs only the ``T - prefill`` decode queries on top (the cache is cut back between
+    passes). With a long prefill (a long context and a scored tail) most of every pass is saved.
+    """
     t = ids.numel()
     if not 0 < prefill < t - 1:
         raise ValueError(f"prefill={prefill} must leave decode steps in a text of {t} tokens")
     n_layers = len(layer_map)
     sparse = [j for j, i in enumerate(layer_map) if i >= 0]
-    positions = torch.arange(t)
+    tq = t - prefill  # decode queries prefill .. T-1; the last one predicts past the text and is not scored
 
-    draft_rec = AttentionRecorder(positions, chunk_size, layers={layer_map[j] for j in sparse},
+    draft_rec = AttentionRecorder(torch.arange(prefill, t), chunk_size, layers={layer_map[j] for j in sparse},
                                   per_kv_head=any(m.kind == "specattn_head" for m in methods))
     draft(ids[None], specattn_recorder=draft_rec, use_cache=False, logits_to_keep=1)
     needs_oracle = any(m.kind in ("oracle", "oracle_head") for m in methods)
-    target_rec = AttentionRecorder(positions, chunk_size, layers=set(sparse),
+    target_rec = AttentionRecorder(torch.arange(tq), chunk_size, layers=set(sparse),
                                    per_kv_head=any(m.kind == "oracle_head" for m in methods)) if needs_oracle else None
     n_heads = target.config.num_attention_heads
+
+    cache = preallocated_cache(n_layers, t)
+    target(ids[None, :prefill], specattn_eval=PassMasks(chunk_size), past_key_values=cache, use_cache=True,
+           logits_to_keep=1)
+
+    def decode_pass(masks: PassMasks) -> torch.Tensor:
+        cache.crop(prefill)  # drop the previous pass's decode keys
+        return target(ids[None, prefill:], specattn_eval=masks, past_key_values=cache, use_cache=True).logits[0]
+
     dense_pass = PassMasks(chunk_size, recorder=target_rec)
-    # logits only where they are scored: queries prefill .. T-1 (the last one is dropped by _nll)
-    dense_logits = target(ids[None], specattn_eval=dense_pass, use_cache=False, logits_to_keep=t - prefill).logits[0]
+    dense_nll = _nll(decode_pass(dense_pass), ids, prefill)  # not the logits: 1.2 GB per pass at Qwen's vocabulary
     if len(dense_pass.read) != n_layers:
         raise RuntimeError(f"the target's attention ran through specattn_eval in {len(dense_pass.read)} of "
                            f"{n_layers} layers: was it loaded with attn_implementation={ATTN_NAME!r}?")
     # keys visible to each scored query, per layer (a sliding-window layer sees at most its window)
-    avail = torch.stack([dense_pass.read[j][prefill:-1].double() for j in range(n_layers)])
+    avail = torch.stack([dense_pass.read[j][:-1].double() for j in range(n_layers)])
 
     out: dict[str, WindowResult] = {}
-    counts: dict[str, dict[int, torch.Tensor]] = {}  # specattn method -> layer -> chunks per query [T]
+    counts: dict[str, dict[int, torch.Tensor]] = {}  # specattn method -> layer -> chunks per decode query [Tq]
     for m in methods:
         masks = PassMasks(chunk_size)
         if m.kind in ("specattn", "oracle"):
             for j in sparse:
                 rows = (draft_rec.rows[layer_map[j]] if m.kind == "specattn" else target_rec.rows[j])[0]
-                masks.chunks[j] = topp_chunks(rows, m.top_p[j], prefill, chunk_size)
+                masks.chunks[j] = decode_chunks(rows, m.top_p[j], prefill, chunk_size)
             counts[m.name] = {j: masks.chunks[j].sum(-1) for j in sparse}
         elif m.kind in ("oracle_head", "specattn_head"):
             for j in sparse:
                 if m.kind == "oracle_head":
-                    rows_ps = [(r, m.top_p[j]) for r in target_rec.rows_kv[j][0]]  # [Hkv] x [T, C]
+                    rows_ps = [(r, m.top_p[j]) for r in target_rec.rows_kv[j][0]]  # [Hkv] x [Tq, C]
                 else:
                     draft_kv = draft_rec.rows_kv[layer_map[j]][0]
                     rows_ps = [(draft_kv[h], m.top_p_head[j][g]) for g, h in enumerate(m.head_map[j])]
-                per_kv = torch.stack([topp_chunks(r, p, prefill, chunk_size) for r, p in rows_ps])
-                masks.chunks[j] = per_kv.repeat_interleave(n_heads // per_kv.shape[0], dim=0)  # [H, T, C]
+                per_kv = torch.stack([decode_chunks(r, p, prefill, chunk_size) for r, p in rows_ps])
+                masks.chunks[j] = per_kv.repeat_interleave(n_heads // per_kv.shape[0], dim=0)  # [H, Tq, C]
             # matched baselines get the mean chunk count over heads, per query: the same KV on average
             counts[m.name] = {j: masks.chunks[j].sum(-1).double().mean(0).round().long() for j in sparse}
         elif m.kind in ("streaming", "quest"):
@@ -207,23 +239,22 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
                 raise ValueError(f"{m.name}: matched method {m.match!r} must be an earlier specattn/oracle method")
             for j in sparse:
                 if m.kind == "streaming":
-                    masks.chunks[j] = streaming_mask(counts[m.match][j], chunk_size)
+                    masks.chunks[j] = streaming_mask(counts[m.match][j], chunk_size, t)
                 else:
                     masks.quest_budget[j] = counts[m.match][j]
         elif m.kind != "dense":
             raise ValueError(f"unknown method kind {m.kind!r}; kinds are {KINDS}")
-        logits = dense_logits if m.kind == "dense" else target(ids[None], specattn_eval=masks, use_cache=False,
-                                                                 logits_to_keep=t - prefill).logits[0]
+        nll = dense_nll if m.kind == "dense" else _nll(decode_pass(masks), ids, prefill)
         read = avail.clone()
-        chunks = ((positions[prefill:-1] // chunk_size) + 1).double().repeat(n_layers, 1)
+        chunks = ((torch.arange(prefill, t - 1) // chunk_size) + 1).double().repeat(n_layers, 1)
         for j in sparse:
             if j in masks.read:
-                read[j] = masks.read[j][prefill:-1].double()
+                read[j] = masks.read[j][:-1].double()
             if j in masks.chunks:
-                chunks[j] = masks.chunks[j][..., prefill:-1, :].sum(-1).double().reshape(-1, t - 1 - prefill).mean(0)
+                chunks[j] = masks.chunks[j][..., :-1, :].sum(-1).double().reshape(-1, tq - 1).mean(0)
             elif j in masks.quest_budget:
-                chunks[j] = masks.quest_budget[j][prefill:-1].double()
-        out[m.name] = WindowResult(_nll(logits, ids, prefill), read.sum(-1), avail.sum(-1), chunks.sum(-1))
+                chunks[j] = masks.quest_budget[j][:-1].double()
+        out[m.name] = WindowResult(nll, read.sum(-1), avail.sum(-1), chunks.sum(-1))
         if on_method is not None:
             on_method(m.name)
     return out

@@ -51,6 +51,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(prefect_harness, calibrated_q
         (dict(artifact=calibrated_quick, text=str(tmp_path / "short"), text_tokens=256), ValueError, "windows of 256"),
         (dict(artifact=calibrated_quick, prefill_fraction=1.0), ValueError, "prefill_fraction"),
         (dict(artifact=calibrated_quick, global_p=(0.0,)), ValueError, "global p"),
+        (dict(artifact=calibrated_quick, dtype="float16"), ValueError, "dtype"),
         (dict(artifact=calibrated_quick, text=str(tmp_path / "nope")), FileNotFoundError, "does not exist"),
         (dict(artifact=calibrated_quick, text_tokens=99999), ValueError, "context"),
     ]

@@ -136,3 +136,28 @@ def test_evaluation_has_per_head_rows(quick_evaluation):
     for kind in ("quest", "streaming"):  # at its chunk counts: the same keys on average
         row = next(r for r in methods.values() if r["kind"] == kind and r["match"] == head)
         assert row["kv_reduction_all_layers"] == pytest.approx(methods[head]["kv_reduction_all_layers"], abs=0.01)
+
+
+def test_full_runs_match_quest_and_streaming_to_every_per_head_point():
+    """A full evaluation's per-head curve: each point is followed by Quest and StreamingLLM at its chunk counts
+    (a matched method must come after the one it copies); quick runs keep the calibrated row only."""
+    from artifact_factory import make_artifact
+
+    from pipelines.evaluate import HEAD_CURVE_P, build_methods
+
+    art = make_artifact(n_t=6, n_d=4, dense=2)
+    dense = art.layer_map == -1
+    art = dataclasses.replace(art, head_map=torch.where(dense[:, None], -1, 0).expand(6, 2).int(),
+                              top_p_head=torch.where(dense[:, None], 1.0, 0.9).expand(6, 2).float(),
+                              metadata={**art.metadata, "schema_version": "2"})
+    assert 0.96 not in HEAD_CURVE_P
+    for quick, n_points in ((True, 1), (False, 1 + len(HEAD_CURVE_P) + 1)):
+        methods = build_methods(art, (0.96,), (0.85,), quick=quick)
+        head = [i for i, m in enumerate(methods) if m.kind == "specattn_head"]
+        assert len(head) == n_points
+        for i in head:
+            assert {(m.kind, m.match) for m in methods[i + 1 : i + 3]} == {("quest", methods[i].name),
+                                                                           ("streaming", methods[i].name)}
+        rows = {m.x for m in methods if m.kind == "specattn_head" and m.in_table}
+        assert rows == ({0.95} if quick else {0.95, 0.96})  # the calibrated row (recall 0.95) and the global p given
+        assert len({m.name for m in methods}) == len(methods)

@@ -29,6 +29,12 @@ def test_token_mask_is_causal_chunk_expansion(gen):
             assert m[t, s] == (s <= t and bool(chunks[t, s // 16]))
 
 
+def test_blockwise_nll_equals_log_softmax(gen):
+    logits, ids = torch.randn(11, 50, generator=gen) * 4, torch.randint(0, 50, (15,), generator=gen)
+    ref = -torch.log_softmax(logits[:-1].double(), -1).gather(-1, ids[5:, None]).squeeze(-1)
+    torch.testing.assert_close(sparse_eval._nll(logits, ids, 4, block=3), ref, rtol=1e-12, atol=1e-12)
+
+
 @torch.no_grad()
 def test_one_pass_equals_token_by_token_decoding(targets, gen):
     target_eval, target_rt = targets
@@ -74,6 +80,20 @@ def test_evaluate_window_accounts_kv_and_matches_budgets(quick_pair, targets, ge
         assert rows[name]["kv_reduction_sparse_layers"] == pytest.approx(rows["s"]["kv_reduction_sparse_layers"])
     assert 0 < rows["s"]["kv_reduction_all_layers"] < rows["s"]["kv_reduction_sparse_layers"] < 1
     assert all(len(r["step_nll"]) == T - PREFILL - 1 for r in rows.values())
+
+    # the passes run the decode queries over a cached dense prefill: equal to one uncached pass over the whole
+    # text with the same selections (dense before the prefill), for a mask method and for Quest (chosen inside)
+    rec = capture.AttentionRecorder(torch.arange(T), CS, layers=set(layer_map[2:]))
+    draft(ids[None], specattn_recorder=rec, use_cache=False)
+    whole = PassMasks(CS, chunks={j: topp_chunks(rec.rows[i][0], 0.6, PREFILL, CS)
+                                  for j, i in enumerate(layer_map) if i >= 0})
+    logits = target_eval(ids[None], specattn_eval=whole, use_cache=False).logits[0, PREFILL:]
+    torch.testing.assert_close(sparse_eval._nll(logits, ids, PREFILL), res["s"].nll, rtol=1e-4, atol=1e-4)
+    n_chunks = torch.arange(T) // CS + 1
+    quest = PassMasks(CS, quest_budget={j: torch.cat([n_chunks[:PREFILL], m[PREFILL:].sum(-1)])
+                                        for j, m in whole.chunks.items()})
+    logits = target_eval(ids[None], specattn_eval=quest, use_cache=False).logits[0, PREFILL:]
+    torch.testing.assert_close(sparse_eval._nll(logits, ids, PREFILL), res["q"].nll, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="prefill"):
         sparse_eval.evaluate_window(target_eval, draft, ids, layer_map, methods, CS, T)
     with pytest.raises(ValueError, match="earlier"):

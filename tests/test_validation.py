@@ -272,5 +272,5 @@ def test_flow_parameters_are_checked_before_any_server_starts():
     assert "Starting temporary server" not in res.stderr + res.stdout
     res = subprocess.run([sys.executable, "-m", "pipelines.evaluate", "--prefill-fraction", "1.5"],
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "prefill_fraction must lie in [0, 1), got 1.5" in res.stderr, res.stderr
+    assert res.returncode == 2 and "prefill_fraction must lie in (0, 1), got 1.5" in res.stderr, res.stderr
     assert time.perf_counter() - t0 < 60
