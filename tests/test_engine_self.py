@@ -122,7 +122,7 @@ def test_seeded_sampling_follows_the_model(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("k", [4])  # k = 1 on this model: tests/test_selfspec.py (eager loop); the engine: tiny model
 def test_shipped_model_greedy_equals_plain_greedy(quick_pair, k):
     """SmolLM2-135M on a real text, 64 tokens, two of its layers dense, budgets down to p = 0.02."""
     from pipelines import assets

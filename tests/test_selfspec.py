@@ -61,7 +61,8 @@ def self_artifacts(quick_pair, tmp_path_factory):
     return {p: save_artifact(self_artifact(t, 30, p), root / f"self{p}.safetensors") for p in (0.9, 0.5, 0.05)}
 
 
-@pytest.mark.parametrize("p,k", [(0.9, 4), (0.5, 8), (0.05, 4), (0.05, 1)])
+# budgets from mid to tiny and k 1 / 4 / 8 (p 0.9, nearly dense, added no path and ~20 s of CI)
+@pytest.mark.parametrize("p,k", [(0.5, 8), (0.05, 4), (0.05, 1)])
 def test_greedy_self_speculation_is_plain_greedy_decoding(quick_pair, self_artifacts, prompts, greedy_refs, p, k):
     rt = SpecAttnRuntime.from_artifact(self_artifacts[p], target=quick_pair[1])
     reads = []
