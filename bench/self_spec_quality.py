@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import self_tuning as S  # noqa: E402
+from pipelines.corpus import special_prefix  # noqa: E402
 from pipelines.eval_text import book_windows, load_books  # noqa: E402
 from pipelines.presets import PAIRS  # noqa: E402
 from specattn_runtime.models import load_causal_lm, load_tokenizer  # noqa: E402
@@ -122,10 +123,11 @@ def main() -> None:
     tok = load_tokenizer(model_dir)
     name, books = load_books(args.text)
     tokens = {k: tok(v, add_special_tokens=False).input_ids for k, v in books.items()}
+    prefix = special_prefix(tok)  # windows start as the model's inputs do (BOS where the tokenizer adds one)
     rows, checks, t0 = [], [], time.time()
     kmax = max(args.k)
     for ctx in args.contexts:
-        windows, labels = book_windows(tokens, ctx, args.num_texts)
+        windows, labels = book_windows(tokens, ctx, args.num_texts, prefix=prefix)
         q = S.region_size(ctx, args.region, kmax) // kmax * kmax
         totals: dict = {}
         for i in range(windows.shape[0]):

@@ -23,7 +23,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import specattn_runtime
-from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest
+from specattn_runtime.artifact import (FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest,
+                                       window_metadata)
 
 from . import calibration_tasks as T
 from .collect import (ROLES, SPLITS, check_cluster_params, collect_attention, parse_resources,
@@ -208,6 +209,10 @@ def calibrate(
     params = dict(window_tokens=window_tokens, num_windows=num_windows, holdout_windows=holdout_windows,
                   queries_per_window=queries_per_window, chunk_size=chunk_size, dense_layers=dense_layers,
                   recall_budget=recall_budget, global_p=global_p)
+    # BOS-started windows differ from earlier calibrations' (recalibrate); without a prefix the windows are as
+    # they were, and so is the fingerprint of an artifact already calibrated on them.
+    if corpus_info["window_prefix"]:
+        params["window_prefix"] = corpus_info["window_prefix"]
     fingerprint = hashlib.sha256(json.dumps(
         [models["draft"]["weights_hash"], models["target"]["weights_hash"], models["draft"]["config_hash"],
          models["target"]["config_hash"], corpus_info["sha256"], params, SCHEMA_VERSION], sort_keys=True
@@ -267,6 +272,7 @@ def calibrate(
                                      "calibration_kv_fraction": tuned["kv_fraction"]}),
             "holdout_quality": json.dumps(holdout),
             "input_fingerprint": fingerprint,
+            **window_metadata(corpus_info["window_prefix"]),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "specattn_version": specattn_runtime.__version__,
         },

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import specattn_runtime
-from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest
+from specattn_runtime.artifact import (FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest,
+                                       window_metadata)
 from specattn_runtime.fingerprint import model_fingerprint, tokenizer_hash
 from specattn_runtime.models import check_model_dir, load_causal_lm, num_layers
 from specattn_runtime.variants import check_supported
@@ -100,6 +101,10 @@ def calibrate_self(preset: str | None, target: str | None, corpus: str | None, w
     params = dict(mode="self", window_tokens=window_tokens, num_windows=num_windows,
                   holdout_windows=holdout_windows, queries_per_window=queries_per_window, chunk_size=chunk_size,
                   dense_layers=dense_layers, global_p=global_p, draft_k=draft_k)
+    # BOS-started windows differ from earlier calibrations' (recalibrate); without a prefix the windows are as
+    # they were, and so is the fingerprint of an artifact already calibrated on them.
+    if corpus_info["window_prefix"]:
+        params["window_prefix"] = corpus_info["window_prefix"]
     fingerprint = hashlib.sha256(json.dumps([fp["weights_hash"], fp["config_hash"], corpus_info["sha256"], params,
                                              SCHEMA_VERSION], sort_keys=True).encode()).hexdigest()
     folder = out_root / name
@@ -147,6 +152,7 @@ def _artifact(res: dict, fp: dict, n_t: int, tok_hash: str, corpus_info: dict, p
                                                 if key != "draft_kv_read_per_layer"}}),
             "holdout_quality": json.dumps(res["holdout"]),
             "input_fingerprint": fingerprint,
+            **window_metadata(corpus_info["window_prefix"]),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "specattn_version": specattn_runtime.__version__,
         },

@@ -23,7 +23,7 @@ from specattn_runtime.models import check_model_dir, load_tokenizer, num_layers
 from . import assets
 from .alignment import align_heads, align_layers, map_cost
 from .attention_stats import collect_pooled_attention, kl_matrix, query_positions, valid_chunks
-from .corpus import split_documents, text_files, wiki_articles, windows_from_token_lists
+from .corpus import special_prefix, split_documents, text_files, wiki_articles, windows_from_token_lists
 from .topp_tuning import LayerRows, recall_and_kv, recall_curves, tune_p
 
 # Survives a new process: results are persisted and keyed on the inputs and the task's code.
@@ -80,13 +80,15 @@ def load_corpus(corpus: str | None, tokenizer_dir: str, tokenizer_hash: str, win
         raise ValueError(f"corpus {corpus or name!r} is empty: no non-blank documents")
     sha = hashlib.sha256("\x00".join(docs).encode()).hexdigest()
     tok = load_tokenizer(tokenizer_dir)
-    # Keep special tokens out: windows are plain text, separated by EOS between documents.
+    # Documents are text tokens, separated by EOS in the stream; each window then starts as the model's inputs
+    # start at generation time (the tokenizer's BOS where it adds one): calibration measures that state.
     ids = [tok(d, add_special_tokens=False).input_ids for d in docs]
+    prefix = special_prefix(tok)
     n_tokens = sum(map(len, ids))
     cal_idx, hold_idx = split_documents(len(ids), holdout_every=5)
     sep = tok.eos_token_id if tok.eos_token_id is not None else 0
-    cal = windows_from_token_lists([ids[i] for i in cal_idx], window_tokens, num_windows, sep)
-    hold = windows_from_token_lists([ids[i] for i in hold_idx], window_tokens, holdout_windows, sep)
+    cal = windows_from_token_lists([ids[i] for i in cal_idx], window_tokens, num_windows, sep, prefix=prefix)
+    hold = windows_from_token_lists([ids[i] for i in hold_idx], window_tokens, holdout_windows, sep, prefix=prefix)
     if cal.shape[0] == 0 or hold.shape[0] == 0:
         raise ValueError(
             f"corpus {corpus or name!r} is too short: {n_tokens} tokens in {len(docs)} documents give "
@@ -97,7 +99,8 @@ def load_corpus(corpus: str | None, tokenizer_dir: str, tokenizer_hash: str, win
     windows_sha = hashlib.sha256(cal.numpy().tobytes() + b"|" + hold.numpy().tobytes()).hexdigest()
     return {"path": str(path), "windows_sha256": windows_sha, "name": name, "sha256": sha,
             "documents": len(docs), "tokens": n_tokens,
-            "windows": cal.shape[0], "holdout_windows": hold.shape[0], "window_tokens": window_tokens}
+            "windows": cal.shape[0], "holdout_windows": hold.shape[0], "window_tokens": window_tokens,
+            "window_prefix": prefix}
 
 
 def shard_ranges(n_windows: int, windows_per_shard: int) -> list[tuple[int, int]]:

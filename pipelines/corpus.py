@@ -4,6 +4,11 @@ The default corpus is the 106 full Wikipedia articles that ship in the gensim wh
 bz2-compressed). :func:`wiki_articles` strips the markup well enough for attention statistics: templates, tables,
 references and file links go; link labels and prose stay. Users can pass their own text instead: a ``.txt`` file
 or a directory of them, one document per file.
+
+A window is what the model reads, made as its inputs are made at generation time (``tokenizer(prompt)``): the
+tokenizer's own special-token prefix (``<bos>`` for Gemma, Llama, Mistral; nothing for SmolLM2 and Qwen), then
+running text. :func:`model_window` is the one place a window is made; calibration, holdout and evaluation windows
+all come from it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import bz2
 import html
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -99,17 +105,65 @@ def split_documents(n_docs: int, holdout_every: int) -> tuple[list[int], list[in
     return cal, hold
 
 
-def windows_from_token_lists(docs: list[list[int]], window: int, max_windows: int, sep_id: int) -> torch.Tensor:
-    """Concatenate documents (separated by ``sep_id``) and cut into at most ``max_windows`` full windows.
+_PROBE = "The window starts here."
 
-    Returns int64 ``[n_windows, window]``; never pads, so every position is real text.
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids ``tokenizer`` puts before any text by default: ``[bos_id]`` where it adds a BOS, ``[]`` where not.
+
+    Read off the tokenizer itself (the same text with and without special tokens), not from a list of model
+    names, so a tokenizer configured either way is followed. A suffix some tokenizers append (EOS) is not part of
+    it: windows are cut from running text, and a prompt does not end a document.
     """
+    plain = tokenizer(_PROBE, add_special_tokens=False).input_ids
+    full = tokenizer(_PROBE).input_ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i])
+    raise ValueError(f"{type(tokenizer).__name__} tokenizes {_PROBE!r} as {plain} without special tokens and "
+                     f"{full} with them; the second does not contain the first, so its special-token prefix "
+                     "cannot be told apart from the text")
+
+
+def text_per_window(n_tokens: int, prefix: Sequence[int]) -> int:
+    """Text tokens in a window of ``n_tokens`` that starts with ``prefix``."""
+    if n_tokens <= len(prefix):
+        raise ValueError(f"a window of {n_tokens} tokens leaves no room for text after the tokenizer's "
+                         f"{len(prefix)} special token(s) {list(prefix)}; use longer windows")
+    return n_tokens - len(prefix)
+
+
+def model_window(prefix: Sequence[int], ids: Sequence[int], start: int, n_tokens: int) -> list[int]:
+    """One model input of ``n_tokens`` ids: ``prefix`` (:func:`special_prefix`), then the text tokens
+    ``ids[start : start + n_tokens - len(prefix)]``; raises if ``ids`` ends before the window is full.
+
+    With a BOS prefix the window of a text's start is ``tokenizer(text).input_ids[:n_tokens]``: the model is
+    measured in the state generation puts it in (for Gemma-style models the first token is the attention sink).
+    """
+    body = text_per_window(n_tokens, prefix)
+    piece = list(ids[start : start + body])
+    if len(piece) < body:
+        raise ValueError(f"a window of {body} text tokens from position {start} needs {start + body} tokens; "
+                         f"the text has {len(ids)}")
+    return [*prefix, *piece]
+
+
+def windows_from_token_lists(docs: list[list[int]], window: int, max_windows: int, sep_id: int, *,
+                             prefix: Sequence[int]) -> torch.Tensor:
+    """Concatenate documents (separated by ``sep_id``) and cut the stream into at most ``max_windows`` full
+    windows of ``window`` tokens, each :func:`model_window` (``prefix`` then ``window - len(prefix)`` text tokens).
+
+    Returns int64 ``[n_windows, window]``; never pads, so every position is real text (or the prefix). With an
+    empty prefix the windows are the stream cut into consecutive pieces.
+    """
+    body = text_per_window(window, prefix)
     stream: list[int] = []
-    need = window * max_windows
+    need = body * max_windows
     for ids in docs:
         stream.extend(ids)
         stream.append(sep_id)
         if len(stream) >= need:
             break
-    n = min(len(stream) // window, max_windows)
-    return torch.tensor(stream[: n * window], dtype=torch.int64).view(n, window)
+    n = min(len(stream) // body, max_windows)
+    rows = [model_window(prefix, stream, i * body, window) for i in range(n)]
+    return torch.tensor(rows, dtype=torch.int64).view(n, window)

@@ -7,12 +7,13 @@ data; read by :mod:`pipelines.rdata`, no R needed). Users can pass their own ``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from . import assets
-from .corpus import text_files
+from .corpus import model_window, special_prefix, text_files, text_per_window
 from .rdata import read_lazyload_db
 
 AUSTEN_NAME = "janeaustenr-1.0.0 (Jane Austen's six novels, Project Gutenberg text)"
@@ -60,14 +61,18 @@ def load_books(path: str | None) -> tuple[str, dict[str, str]]:
     return Path(path).name, books
 
 
-def book_windows(token_lists: dict[str, list[int]], n_tokens: int, num_texts: int) -> tuple[torch.Tensor, list[str]]:
-    """Cut ``num_texts`` windows of ``n_tokens`` tokens, taking books in turn (window w of a book starts at
-    ``w * n_tokens``), so six windows are the opening 2,048 tokens of each of six novels.
+def book_windows(token_lists: dict[str, list[int]], n_tokens: int, num_texts: int, *,
+                 prefix: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+    """Cut ``num_texts`` windows of ``n_tokens`` tokens from books' text tokens (tokenized without special
+    tokens), taking books in turn; each window is :func:`pipelines.corpus.model_window`: ``prefix`` (the
+    tokenizer's special-token prefix), then text. Window w of a book holds its text tokens from
+    ``w * (n_tokens - len(prefix))``, so six windows are the openings of six novels as ``tokenizer(novel)`` begins.
 
     Returns int64 ``[num_texts, n_tokens]`` and a label per window; raises if the books are too short.
     """
+    body = text_per_window(n_tokens, prefix)
     names = sorted(token_lists)
-    capacity = {k: len(token_lists[k]) // n_tokens for k in names}
+    capacity = {k: len(token_lists[k]) // body for k in names}
     if sum(capacity.values()) < num_texts:
         raise ValueError(f"the evaluation books hold {sum(capacity.values())} windows of {n_tokens} tokens, "
                          f"{num_texts} requested; use shorter windows, fewer texts, or longer books")
@@ -75,7 +80,19 @@ def book_windows(token_lists: dict[str, list[int]], n_tokens: int, num_texts: in
     while len(windows) < num_texts:
         for k in names:
             if w < capacity[k] and len(windows) < num_texts:
-                windows.append(token_lists[k][w * n_tokens : (w + 1) * n_tokens])
+                windows.append(model_window(prefix, token_lists[k], w * body, n_tokens))
                 labels.append(f"{k}[{w}]")
         w += 1
     return torch.tensor(windows, dtype=torch.int64), labels
+
+
+def evaluation_windows(books: dict[str, str], tokenizer, n_tokens: int,
+                       num_texts: int) -> tuple[torch.Tensor, list[str], list[int]]:
+    """The evaluation's texts: :func:`book_windows` of the books tokenized by ``tokenizer``, each window starting
+    with the tokenizer's special-token prefix. Returns ``(windows [num_texts, n_tokens] int64, labels, prefix)``."""
+    prefix = special_prefix(tokenizer)
+    # Only as much of each book as the windows can use: tokenizing whole novels costs seconds each.
+    chars = 8 * n_tokens * (num_texts // len(books) + 1)
+    ids = {k: tokenizer(v[:chars], add_special_tokens=False).input_ids for k, v in books.items()}
+    windows, labels = book_windows(ids, n_tokens, num_texts, prefix=prefix)
+    return windows, labels, prefix

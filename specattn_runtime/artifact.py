@@ -14,9 +14,10 @@ An artifact is a single ``.safetensors`` file (no pickle) holding
   head-averaged, one set per layer, with ``top_p``;
 - optional ``curve.*`` tensors (calibration curves for reports),
 
-plus string metadata in the safetensors header (see ``REQUIRED_METADATA``). Structured metadata values are JSON
-strings. Both :func:`save_artifact` and :func:`load_artifact` run the same :func:`validate_artifact`, so a file that
-was written can always be read back, and a file that loads is always usable.
+plus string metadata in the safetensors header (see ``REQUIRED_METADATA``; ``WINDOW_METADATA`` is optional).
+Structured metadata values are JSON strings. Both :func:`save_artifact` and :func:`load_artifact` run the same
+:func:`validate_artifact`, so a file that was written can always be read back, and a file that loads is always
+usable.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ REQUIRED_METADATA = (
     "specattn_version",
 )
 JSON_METADATA = ("draft_model", "target_model", "calibration_corpus", "objective", "holdout_quality")
+# How the calibration windows began: ``window_prefix`` is a JSON list of the token ids the tokenizer puts before
+# text (``[2]`` for Gemma's <bos>, ``[]`` for SmolLM2 and Qwen), ``windows_start_with_bos`` "true" / "false" (the
+# prefix is non-empty). Optional, both or neither: artifacts written before they existed have neither (and were
+# calibrated on windows without any prefix); the runtime warns when a prompt lacks the prefix calibration saw.
+WINDOW_METADATA = ("windows_start_with_bos", "window_prefix")
 # The safetensors header is a little-endian u64 length followed by that much JSON; anything claiming more than
 # this is not an artifact (ours are a few KiB of header).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -114,11 +120,21 @@ class Artifact:
     def dense_layers(self) -> int:
         return int(self.metadata["dense_layers"])
 
+    @property
+    def window_prefix(self) -> list[int] | None:
+        """Token ids every calibration window began with; ``None`` for artifacts that do not record it."""
+        return json.loads(self.metadata["window_prefix"]) if "window_prefix" in self.metadata else None
+
     def info(self, key: str) -> dict:
         """Decoded JSON metadata value (e.g. ``info("target_model")["config_hash"]``)."""
         if key not in JSON_METADATA:
             raise KeyError(f"{key!r} is not a JSON metadata field; JSON fields are {JSON_METADATA}")
         return json.loads(self.metadata[key])
+
+
+def window_metadata(prefix: list[int]) -> dict[str, str]:
+    """The ``WINDOW_METADATA`` strings for calibration windows that began with ``prefix``."""
+    return {"windows_start_with_bos": "true" if prefix else "false", "window_prefix": json.dumps(list(prefix))}
 
 
 def _fail(path: str | os.PathLike | None, message: str) -> ArtifactError:
@@ -187,10 +203,30 @@ def validate_artifact(art: Artifact, path: str | os.PathLike | None = None) -> N
         if n_d != n_t or (~dense & (lm != own)).any():
             raise _fail(path, f"a mode 'self' artifact maps each sparse layer to itself (layer_map[j] = j or -1) "
                               f"over a [{n_t}, {n_t}] kl; got layer_map {lm.tolist()}, kl {tuple(kl.shape)}")
+    _validate_window_metadata(md, path)
     _validate_heads(art, path)
     for name, t in art.curves.items():
         if t.dtype != torch.float32 or not torch.isfinite(t).all():
             raise _fail(path, f"curve {name!r} must be finite float32, got {t.dtype}")
+
+
+def _validate_window_metadata(md: dict[str, str], path) -> None:
+    present = [k for k in WINDOW_METADATA if k in md]
+    if not present:
+        return  # written before windows recorded their prefix: loads as before
+    if len(present) != len(WINDOW_METADATA):
+        raise _fail(path, f"metadata has {present} but not the rest of {list(WINDOW_METADATA)}; write both")
+    try:
+        prefix = json.loads(md["window_prefix"])
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"metadata 'window_prefix' is not valid JSON ({e})") from None
+    if not isinstance(prefix, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                               for x in prefix):
+        raise _fail(path, "metadata 'window_prefix' must be a JSON list of token ids >= 0, got "
+                          f"{md['window_prefix']!r}")
+    if md["windows_start_with_bos"] != ("true" if prefix else "false"):
+        raise _fail(path, f"metadata 'windows_start_with_bos' is {md['windows_start_with_bos']!r} but window_prefix "
+                          f"is {prefix}; expected {'true' if prefix else 'false'!r}")
 
 
 def _validate_heads(art: Artifact, path) -> None:

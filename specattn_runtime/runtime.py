@@ -244,6 +244,7 @@ class SpecAttnRuntime:
                                                                         (self.target,)))
         validate.generation(max_new_tokens, k, temperature, top_p, seed, eos_token_id, vocab)
         ids = validate.prompt_ids(prompt_ids, vocab)
+        validate.calibrated_prefix(ids, self.artifact.metadata, self)  # warns once if the prompt lacks the BOS
         n = len(ids)
         limit = min(self.target.config.max_position_embeddings,
                     self.draft.config.max_position_embeddings if k else self.target.config.max_position_embeddings)

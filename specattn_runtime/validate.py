@@ -8,15 +8,19 @@ are not flattened into one, a NaN temperature is not taken for greedy).
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
+import warnings
+import weakref
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
 SELECTIONS = ("auto", "sort", "threshold", "triton")
 ENGINES = ("auto", "static", "eager")
+_WARNED_PREFIX: "weakref.WeakSet" = weakref.WeakSet()  # runtimes already warned about a missing BOS
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
@@ -135,3 +139,22 @@ def prompt_ids(value, vocab_size: int) -> list[int]:
         if not 0 <= x < vocab_size:
             raise ValueError(f"prompt_ids[{i}] is {x}, outside the vocabulary [0, {vocab_size})")
     return ids
+
+
+def calibrated_prefix(ids: list[int], metadata: dict[str, str], owner) -> None:
+    """Warn, once per ``owner`` (a runtime), when the artifact's calibration windows began with a special-token
+    prefix (``window_prefix``, e.g. Gemma's ``<bos>``) that the prompt ``ids`` do not begin with.
+
+    Not an error: the prompt may continue a text on purpose. But for such models the first token is the attention
+    sink, so the chunks the calibrated p's select were measured on a state this prompt does not put the model in.
+    Artifacts without ``window_prefix`` (written before it existed) and prefix-free tokenizers never warn.
+    """
+    if owner in _WARNED_PREFIX or "window_prefix" not in metadata:
+        return
+    prefix = json.loads(metadata["window_prefix"])
+    if prefix and ids[: len(prefix)] != prefix:
+        _WARNED_PREFIX.add(owner)
+        warnings.warn(f"the prompt starts with {ids[:len(prefix)]} but the artifact was calibrated on windows "
+                      f"starting with the tokenizer's special tokens {prefix} (its BOS); tokenize prompts with "
+                      "rt.tokenizer(text).input_ids (special tokens on) for the quality calibration measured "
+                      "(warned once per runtime)", stacklevel=3)

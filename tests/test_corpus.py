@@ -24,9 +24,9 @@ def test_shipped_articles_are_clean_prose():
 def test_split_and_windows():
     cal, hold = split_documents(12, 5)
     assert hold == [4, 9] and set(cal) | set(hold) == set(range(12)) and not set(cal) & set(hold)
-    w = windows_from_token_lists([[1, 2, 3], [4, 5]], window=3, max_windows=5, sep_id=0)
+    w = windows_from_token_lists([[1, 2, 3], [4, 5]], window=3, max_windows=5, sep_id=0, prefix=[])
     assert w.tolist() == [[1, 2, 3], [0, 4, 5]]  # the trailing separator does not make a partial window
-    assert windows_from_token_lists([[1]], 4, 3, 0).shape == (0, 4)
+    assert windows_from_token_lists([[1]], 4, 3, 0, prefix=[]).shape == (0, 4)
     with pytest.raises(ValueError, match="at least 2"):
         split_documents(1, 5)
 

@@ -86,7 +86,7 @@ def test_the_six_novels_load_from_the_debian_package():
 
 def test_book_windows_round_robin_and_short_books():
     ids = {"a": list(range(100)), "b": list(range(1000, 1025))}
-    w, labels = book_windows(ids, 20, 3)
+    w, labels = book_windows(ids, 20, 3, prefix=[])
     assert labels == ["a[0]", "b[0]", "a[1]"] and torch.equal(w[2], torch.arange(20, 40))
     with pytest.raises(ValueError, match="hold 6 windows"):
-        book_windows(ids, 20, 7)
+        book_windows(ids, 20, 7, prefix=[])
