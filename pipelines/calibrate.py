@@ -93,15 +93,6 @@ def _writable_dir(path: str | Path) -> Path:
     return p
 
 
-def _cached_file(task, *args):
-    """Run a task whose result names a work file; if a cached result points at a file since deleted, recompute."""
-    result = task(*args)
-    path = result["path"] if isinstance(result, dict) else result
-    if not Path(path).exists():
-        result = task.with_options(refresh_cache=True)(*args)
-    return result
-
-
 def _latest_fingerprint(pair_dir: Path) -> str | None:
     latest = pair_dir / "latest.safetensors"
     try:
@@ -204,7 +195,7 @@ def calibrate(
     if max_pos and window_tokens > max_pos:
         raise ValueError(f"window_tokens={window_tokens} exceeds the target's context of {max_pos} tokens")
 
-    corpus_info = timed("load_corpus", _cached_file, T.load_corpus, corpus, target_dir, models["tokenizer_hash"], window_tokens,
+    corpus_info = timed("load_corpus", T.load_corpus, corpus, target_dir, models["tokenizer_hash"], window_tokens,
                         num_windows, holdout_windows, work_dir)
     params = dict(window_tokens=window_tokens, num_windows=num_windows, holdout_windows=holdout_windows,
                   queries_per_window=queries_per_window, chunk_size=chunk_size, dense_layers=dense_layers,

@@ -1,5 +1,6 @@
 """Tasks of the ``calibrate`` flow. Each takes paths, hashes and numbers (never tensors), so Prefect can key its
-cache on the inputs; expensive results are written as safetensors under the work directory and passed by path.
+cache on the inputs; expensive results are written as safetensors under the work directory and passed as
+:class:`~pipelines.file_results.FileRef` (path, size, sha256), which the cache checks before it reuses them.
 
 The pure logic lives in :mod:`pipelines.corpus`, :mod:`pipelines.attention_stats`, :mod:`pipelines.alignment` and
 :mod:`pipelines.topp_tuning`; these wrappers add I/O, caching, retries and logging.
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import torch
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from safetensors.torch import load_file, save_file
 
 from specattn_runtime.artifact import clean_stale_temps, temp_prefix
@@ -24,10 +24,9 @@ from . import assets
 from .alignment import align_heads, align_layers, map_cost
 from .attention_stats import collect_pooled_attention, kl_matrix, query_positions, valid_chunks
 from .corpus import special_prefix, split_documents, text_files, wiki_articles, windows_from_token_lists
+from .file_results import CACHED, FileRef, file_ref
 from .topp_tuning import LayerRows, recall_and_kv, recall_curves, tune_p
 
-# Survives a new process: results are persisted and keyed on the inputs and the task's code.
-CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 P_GRID = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 1.0])
 
 
@@ -97,7 +96,7 @@ def load_corpus(corpus: str | None, tokenizer_dir: str, tokenizer_hash: str, win
     path = Path(work_dir) / f"windows-{_key(sha, tokenizer_hash, window_tokens, num_windows, holdout_windows)}.safetensors"
     _atomic_save({"calibration": cal, "holdout": hold}, path)
     windows_sha = hashlib.sha256(cal.numpy().tobytes() + b"|" + hold.numpy().tobytes()).hexdigest()
-    return {"path": str(path), "windows_sha256": windows_sha, "name": name, "sha256": sha,
+    return {"path": str(path), "file": file_ref(path), "windows_sha256": windows_sha, "name": name, "sha256": sha,
             "documents": len(docs), "tokens": n_tokens,
             "windows": cal.shape[0], "holdout_windows": hold.shape[0], "window_tokens": window_tokens,
             "window_prefix": prefix}
@@ -111,7 +110,7 @@ def shard_ranges(n_windows: int, windows_per_shard: int) -> list[tuple[int, int]
 # A model pass: where Dask workers declare resources ({"GPU": 1}), the flow routes these tasks with them.
 @task(**CACHED, retries=2, retry_delay_seconds=2, task_run_name="attention-{role}-{split}-{start}:{stop}")
 def collect_attention_shard(model: dict, windows_path: str, windows_sha: str, split: str, start: int, stop: int,
-                            queries_per_window: int, chunk_size: int, role: str, work_dir: str) -> str:
+                            queries_per_window: int, chunk_size: int, role: str, work_dir: str) -> FileRef:
     """Pooled attention rows ``[n_layers, rows, n_chunks]`` of one model on windows ``[start, stop)`` of one split.
 
     Reads the windows from the shared work file (by path, not by value), loads the model once per worker process
@@ -122,23 +121,21 @@ def collect_attention_shard(model: dict, windows_path: str, windows_sha: str, sp
     pos = query_positions(windows.shape[1], queries_per_window)
     rows, rows_kv = collect_pooled_attention(model["path"], windows, pos, chunk_size, role=f"{role}/{split}",
                                              progress=False, per_kv_head=True)
-    _atomic_save({"rows": rows, "rows_kv": rows_kv}, path)
-    return str(path)
+    return file_ref(_atomic_save({"rows": rows, "rows_kv": rows_kv}, path))
 
 
 @task(**CACHED)
-def merge_shards(shards: list[str], windows_path: str, split: str, queries_per_window: int, chunk_size: int,
-                 role: str, work_dir: str) -> str:
+def merge_shards(shards: list[FileRef], windows_path: str, split: str, queries_per_window: int, chunk_size: int,
+                 role: str, work_dir: str) -> FileRef:
     """One model's rows on one split, the shards concatenated in window order (the file the later steps read)."""
     parts = [load_file(p) for p in shards]
     rows = torch.cat([f["rows"] for f in parts], dim=1)
     rows_kv = torch.cat([f["rows_kv"] for f in parts], dim=2)
     windows = load_file(windows_path)[split]
     pos = query_positions(windows.shape[1], queries_per_window)
-    path = Path(work_dir) / f"attn-{role}-{split}-{_key(shards)}.safetensors"
-    _atomic_save({"rows": rows, "rows_kv": rows_kv, "n_keys": (pos + 1).repeat(windows.shape[0]),
-                  "n_valid": valid_chunks(pos, chunk_size).repeat(windows.shape[0])}, path)
-    return str(path)
+    path = Path(work_dir) / f"attn-{role}-{split}-{_key([s.sha256 for s in shards])}.safetensors"
+    return file_ref(_atomic_save({"rows": rows, "rows_kv": rows_kv, "n_keys": (pos + 1).repeat(windows.shape[0]),
+                                  "n_valid": valid_chunks(pos, chunk_size).repeat(windows.shape[0])}, path))
 
 
 @task

@@ -4,9 +4,11 @@ The ``calibrate`` flow runs :func:`collect_attention` as a subflow whose task ru
 :func:`task_runner`: none (one shard after another here, as before), ``workers=N`` (a ``distributed.LocalCluster``
 of N worker processes started for the run) or ``dask_address="tcp://host:8786"`` (an existing cluster). Each shard
 is a window range of one model on one split (:func:`pipelines.calibration_tasks.collect_attention_shard`): task-cached
-on its inputs, so a re-run after a crash recomputes only the shards that did not finish. Shards are merged in window
-order, so the rows — and the artifact — do not depend on how many workers computed them (each window is computed
-by the same operations; only float threading inside a matrix product could differ between processes).
+on its inputs, so a re-run after a crash recomputes only the shards that did not finish (and, as the cache reuses a
+shard only while its file is intact, :mod:`pipelines.file_results`, those whose files were deleted or cut). Shards
+are merged in window order, so the rows — and the artifact — do not depend on how many workers computed them (each
+window is computed by the same operations; only float threading inside a matrix product could differ between
+processes).
 
 On a real cluster the work directory (windows file, shard files) and Prefect's result storage
 (``PREFECT_LOCAL_STORAGE_PATH``) must be on storage every worker sees, and the model directories at the same path.
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import re
 from contextlib import nullcontext
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -73,7 +74,8 @@ def task_runner(dask_address: str | None = None, workers: int = 0):
 def collect_attention(models: dict, corpus_info: dict, queries_per_window: int, chunk_size: int, work_dir: str,
                       windows_per_shard: int = 8, dask_resources: dict | None = None,
                       progress: bool = True) -> dict[str, str]:
-    """``{"<role>/<split>": rows file}`` for both models on both splits (files as the single-process path wrote)."""
+    """``{"<role>/<split>": rows file path}`` for both models on both splits (files as the single-process path
+    wrote)."""
     log = get_run_logger()
     n_windows = {"calibration": corpus_info["windows"], "holdout": corpus_info["holdout_windows"]}
     jobs: dict[tuple[str, str], list] = {}
@@ -83,15 +85,15 @@ def collect_attention(models: dict, corpus_info: dict, queries_per_window: int, 
                      queries_per_window, chunk_size, role, work_dir)
                     for start, stop in T.shard_ranges(n_windows[split], windows_per_shard)]
             with annotate(dask_resources):
-                jobs[role, split] = [(a, T.collect_attention_shard.submit(*a)) for a in args]
-    futures = [f for group in jobs.values() for _, f in group]
+                jobs[role, split] = [T.collect_attention_shard.submit(*a) for a in args]
+    futures = [f for group in jobs.values() for f in group]
     log.info("%d attention shards (%d windows each at most)", len(futures), windows_per_shard)
     wait_with_progress(futures, "attention shards", progress)
     out = {}
     for (role, split), group in jobs.items():
-        paths = [_existing(f.result(), args) for args, f in group]
-        out[f"{role}/{split}"] = T.merge_shards(paths, corpus_info["path"], split, queries_per_window, chunk_size,
-                                                role, work_dir)
+        merged = T.merge_shards([f.result() for f in group], corpus_info["path"], split, queries_per_window,
+                                chunk_size, role, work_dir)
+        out[f"{role}/{split}"] = merged.path
     recording_model.cache_clear()  # this process may have run shards: free the model it kept
     return out
 
@@ -111,9 +113,3 @@ def annotate(resources: dict | None):
 
     return dask.annotate(resources=resources)
 
-
-def _existing(path: str, args: tuple) -> str:
-    """A cached shard result whose file was deleted since (a cleaned work directory) is recomputed here."""
-    if Path(path).exists():
-        return path
-    return T.collect_attention_shard.with_options(refresh_cache=True)(*args)

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from tqdm.auto import tqdm
 
 from specattn_runtime import capture
@@ -39,8 +38,10 @@ from specattn_runtime.runtime import check_against_models
 from specattn_runtime.variants import check_supported
 
 from . import quality_report, sparse_eval
+from .calibration_tasks import shard_ranges
 from .collect import annotate, check_cluster_params, parse_resources, task_runner, wait_with_progress
-from .eval_text import evaluation_windows, load_books
+from .eval_text import book_windows, load_books
+from .file_results import CACHED
 from .presets import check_pair, resolve_pair
 from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, GROUP_HEAD_CALIBRATED, GROUP_HEAD_GLOBAL, Method
 
@@ -171,13 +172,17 @@ def run_methods(draft_dir: str, target_dir: str, windows: torch.Tensor, layer_ma
     return sparse_eval.summarize(results, methods, layer_map)
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=2, retry_delay_seconds=2,
-      task_run_name="evaluate-texts-{start}:{stop}")
-def evaluate_texts(draft_dir: str, target_dir: str, windows: torch.Tensor, start: int, stop: int,
+# The result carries its data (per-window NLL and counts), not a path: deleting the output folder cannot break it,
+# and a lost or cut record in Prefect's result storage reads as a miss. The shared policy still applies, so a
+# result that ever names a file is checked like the calibration shards.
+@task(**CACHED, retries=2, retry_delay_seconds=2, task_run_name="evaluate-texts-{start}:{stop}")
+def evaluate_texts(draft_dir: str, target_dir: str, token_ids: list[list[int]], start: int, stop: int,
                    layer_map: list[int], methods: list[Method], chunk_size: int, prefill_fraction: float,
                    dtype: str = "float32") -> list:
-    """One shard of the evaluation: texts ``[start, stop)``, every method (task-cached on its inputs)."""
-    return window_results(draft_dir, target_dir, windows[start:stop], layer_map, methods, chunk_size,
+    """One shard of the evaluation: texts ``[start, stop)`` (their ``token_ids``), every method (task-cached on
+    its inputs). The ids come as lists, not a tensor: Prefect hashes a tensor by its storage's identity, so a
+    tensor input would give every run a new key and the cache would never hit."""
+    return window_results(draft_dir, target_dir, torch.tensor(token_ids), layer_map, methods, chunk_size,
                           prefill_fraction, progress=False, dtype=dtype)
 
 
@@ -187,9 +192,9 @@ def evaluate_sharded(draft_dir: str, target_dir: str, windows: torch.Tensor, lay
                      dask_resources: dict | None = None, dtype: str = "float32") -> list:
     """:func:`window_results` over shards of texts, on the subflow's task runner (:mod:`pipelines.collect`)."""
     with annotate(dask_resources):
-        futures = [evaluate_texts.submit(draft_dir, target_dir, windows, s, min(s + texts_per_shard, len(windows)),
-                                         layer_map, methods, chunk_size, prefill_fraction, dtype)
-                   for s in range(0, len(windows), texts_per_shard)]
+        futures = [evaluate_texts.submit(draft_dir, target_dir, windows[s:e].tolist(), s, e, layer_map, methods,
+                                         chunk_size, prefill_fraction, dtype)
+                   for s, e in shard_ranges(len(windows), texts_per_shard)]
     wait_with_progress(futures, "evaluation shards")
     evaluation_models.cache_clear()  # this process may have run shards: free the models it kept
     return [r for f in futures for r in f.result()]
@@ -325,8 +330,11 @@ def evaluate(
     out = Path(output_dir).expanduser() if output_dir else art_path.resolve().parent / "evaluation" / art_path.resolve().stem
 
     corpus_name, books = load_books(text)
-    # Each text starts as the model's inputs do (the tokenizer's BOS where it adds one), as in calibration.
-    windows, labels, prefix = evaluation_windows(books, load_tokenizer(target_dir, "target"), text_tokens, num_texts)
+    tok = load_tokenizer(target_dir, "target")
+    # Only as much of each book as the windows can use: tokenizing whole novels costs seconds each.
+    chars = 8 * text_tokens * (num_texts // len(books) + 1)
+    ids = {k: tok(v[:chars], add_special_tokens=False).input_ids for k, v in books.items()}
+    windows, labels = book_windows(ids, text_tokens, num_texts)
     methods = build_methods(art, tuple(global_p), tuple(curve_budgets), quick)
     log.info("%d texts x %d tokens, %d methods (%d passes)", len(labels), text_tokens, len(methods),
              len(labels) * len(methods))
@@ -338,7 +346,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "artifact": str(art_path.resolve()), "draft": draft_dir, "target": target_dir,
-        "text": {"corpus": corpus_name, "windows": labels, "tokens": text_tokens, "window_prefix": prefix,
+        "text": {"corpus": corpus_name, "windows": labels, "tokens": text_tokens,
                  "sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()},
         "protocol": {"prefill_fraction": prefill_fraction, "chunk_size": art.chunk_size, "dtype": dtype,
                      "dense_layers": art.dense_layers, "quick": quick,
