@@ -40,7 +40,7 @@ from specattn_runtime.variants import check_supported
 from . import quality_report, sparse_eval
 from .calibration_tasks import shard_ranges
 from .collect import annotate, check_cluster_params, parse_resources, task_runner, wait_with_progress
-from .eval_text import book_windows, load_books
+from .eval_text import evaluation_windows, load_books
 from .file_results import CACHED
 from .presets import check_pair, resolve_pair
 from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, GROUP_HEAD_CALIBRATED, GROUP_HEAD_GLOBAL, Method
@@ -330,11 +330,8 @@ def evaluate(
     out = Path(output_dir).expanduser() if output_dir else art_path.resolve().parent / "evaluation" / art_path.resolve().stem
 
     corpus_name, books = load_books(text)
-    tok = load_tokenizer(target_dir, "target")
-    # Only as much of each book as the windows can use: tokenizing whole novels costs seconds each.
-    chars = 8 * text_tokens * (num_texts // len(books) + 1)
-    ids = {k: tok(v[:chars], add_special_tokens=False).input_ids for k, v in books.items()}
-    windows, labels = book_windows(ids, text_tokens, num_texts)
+    # Each text starts as the model's inputs do (the tokenizer's BOS where it adds one), as in calibration.
+    windows, labels, prefix = evaluation_windows(books, load_tokenizer(target_dir, "target"), text_tokens, num_texts)
     methods = build_methods(art, tuple(global_p), tuple(curve_budgets), quick)
     log.info("%d texts x %d tokens, %d methods (%d passes)", len(labels), text_tokens, len(methods),
              len(labels) * len(methods))
@@ -346,7 +343,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "artifact": str(art_path.resolve()), "draft": draft_dir, "target": target_dir,
-        "text": {"corpus": corpus_name, "windows": labels, "tokens": text_tokens,
+        "text": {"corpus": corpus_name, "windows": labels, "tokens": text_tokens, "window_prefix": prefix,
                  "sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()},
         "protocol": {"prefill_fraction": prefill_fraction, "chunk_size": art.chunk_size, "dtype": dtype,
                      "dense_layers": art.dense_layers, "quick": quick,
