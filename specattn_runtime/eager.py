@@ -136,7 +136,7 @@ def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature:
     stats.kv_read_sum = kv_read_sums(len(rt.layer_map), stats.steps, rt.sparse_layers if k else [], kv_read.tolist())
     stats.new_tokens = len(sink.tokens)
     stats.time_total = time.perf_counter() - t_start
-    return GenerationOutput(sink.tokens, stats)
+    return GenerationOutput(sink.tokens, stats, sink.finish_reason)
 
 
 def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read) -> list[int]:

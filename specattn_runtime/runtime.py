@@ -35,6 +35,7 @@ import torch
 from . import hooks, rng, validate
 from .artifact import Artifact, load_artifact
 from .engine import DecodeEngine, KVStore, SelfSpecEngine, SparsePlan, make_forward, self_plan
+from .engine.batch import BatchEngine
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
@@ -95,6 +96,7 @@ class SpecAttnRuntime:
     """
 
     engine_class = DecodeEngine  # benchmarks substitute a subclass (forced acceptance on random weights)
+    batch_engine_class = BatchEngine  # likewise for generate_batch
 
     def __init__(self, artifact: Artifact, draft, target, tokenizer=None, *, backend: str = "auto",
                  selection: str = "auto", exact_dense_shortcut: bool = True, engine: str = "auto",
@@ -162,6 +164,8 @@ class SpecAttnRuntime:
         self._caches = _Caches()
         self._engines: dict[tuple, DecodeEngine] = {}
         self._forwards: dict[str, object] = {}
+        self._pool = None  # the batched engine's paged KV pool (engine/pages.py), kept between calls
+        self._runners: dict[tuple, object] = {}
 
     def _choose_per_head(self, artifact: Artifact, per_head: bool | None) -> bool:
         """Per-KV-head selection where the artifact has a head map and the backend reads per-head selections
@@ -246,8 +250,7 @@ class SpecAttnRuntime:
         ids = validate.prompt_ids(prompt_ids, vocab)
         validate.calibrated_prefix(ids, self.artifact.metadata, self)  # warns once if the prompt lacks the BOS
         n = len(ids)
-        limit = min(self.target.config.max_position_embeddings,
-                    self.draft.config.max_position_embeddings if k else self.target.config.max_position_embeddings)
+        limit = self.context_limit(k)
         if n + max_new_tokens + k + 1 > limit:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} + k={k} exceeds the models' "
                              f"context of {limit} tokens; shorten the prompt or generate fewer tokens")
@@ -269,6 +272,65 @@ class SpecAttnRuntime:
 
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return loop(self, *args)
+
+    def context_limit(self, k: int) -> int:
+        """Positions the models (the target, and the draft when ``k > 0``) were built for."""
+        models = (self.target, self.draft) if k else (self.target,)
+        return min(m.config.max_position_embeddings for m in models)
+
+    def generate_batch(self, prompts, max_new_tokens: int = 256, *, k: int = 6, temperature: float = 0.0,
+                       top_p: float = 1.0, eos_token_id: int | None = None, seed=None, max_batch: int | None = None,
+                       kv_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
+                       prefill_tokens: int | None = None) -> list[GenerationOutput]:
+        """Generate for many prompts at once; one :class:`GenerationOutput` per prompt, in input order.
+
+        Sequences finish independently (EOS or ``max_new_tokens``; ``finish_reason`` says which). The decode engine
+        runs them as one batch over a paged KV pool (continuous batching past ``max_batch``, default 64); the eager
+        engine runs each prompt alone (the reference).
+
+        Parameters
+        ----------
+        prompts : list
+            Prompts, each as :meth:`generate` takes one (token ids).
+        max_new_tokens, k, temperature, top_p, eos_token_id
+            As :meth:`generate`, shared by every prompt.
+        seed : int or list of int, optional
+            An int seeds every sequence alike (its draws are keyed by its own seed and step: a sequence samples
+            the same tokens alone and in any batch); a list gives one seed per prompt.
+        max_batch : int, optional
+            Sequences decoded at once (default: all, up to 64); the rest wait for a slot.
+        kv_memory_gb, kv_memory_fraction : float, optional
+            Size of the paged KV pool (both models): GiB, or a fraction of the free GPU memory. Default: what the
+            batch needs. A batch that cannot fit is refused before any work, with the numbers.
+        prefill_tokens : int, optional
+            Tokens per prefill forward (default 4096): bounds the prefill's activations and masks.
+        """
+        from .batched import generate_batch
+
+        return generate_batch(self, prompts, max_new_tokens, k=k, temperature=temperature, top_p=top_p,
+                              eos_token_id=eos_token_id, seed=seed, max_batch=max_batch, kv_memory_gb=kv_memory_gb,
+                              kv_memory_fraction=kv_memory_fraction, prefill_tokens=prefill_tokens)
+
+    def _batch_pool(self, seqs, slots: int, kv_memory_gb, kv_memory_fraction):
+        """The paged pool for a batch (kept between calls; a new pool drops the engines captured over the old)."""
+        from .batched import pool_for
+
+        models = {"target": self.target} if self.mode == "self" else {"target": self.target, "draft": self.draft}
+        pool = pool_for(models, seqs, slots, kv_memory_gb, kv_memory_fraction, self._pool)
+        if pool is not self._pool:
+            self._runners.clear()  # their graphs and buffers point into the old pool
+            self._pool = pool
+        return pool
+
+    def _batch_runner(self, k: int, temperature: float, top_p: float, slots: int, seqs, pool, prefill_tokens):
+        from .batched import max_pages_for, runner_for
+
+        sampling = "greedy" if temperature <= 0 else ("sample_top_p" if top_p < 1.0 else "sample")
+        key = (k, sampling, slots, max_pages_for(seqs, pool), prefill_tokens)
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._runners[key] = runner_for(self, k, sampling, slots, key[3], pool, prefill_tokens)
+        return runner
 
     @torch.no_grad()
     def _generate_static(self, ids: list[int], max_new_tokens: int, k: int, temperature: float, top_p: float,
@@ -300,7 +362,7 @@ class SpecAttnRuntime:
         stats.time_draft, stats.time_select, stats.time_verify = times.draft, times.select, times.verify
         stats.new_tokens = len(sink.tokens)
         stats.time_total = time.perf_counter() - t_start
-        return GenerationOutput(sink.tokens, stats)
+        return GenerationOutput(sink.tokens, stats, sink.finish_reason)
 
     # -- the decode engine's caches and graphs ------------------------------------------------------------------
 
@@ -308,7 +370,7 @@ class SpecAttnRuntime:
         """The engine for ``(k, sampling)`` over caches of at least ``need`` positions (built and captured once)."""
         caches = self._caches
         if caches.store is None or caches.store.capacity < need:
-            self.release_caches()
+            self.release_caches(batch_pool=False)
             limit = self.target.config.max_position_embeddings
             capacity = min(-(-need // CAPACITY_STEP) * CAPACITY_STEP, max(limit, need))
             roles = {"target": self.target} if self.mode == "self" else {"target": self.target, "draft": self.draft}
@@ -342,11 +404,14 @@ class SpecAttnRuntime:
         self._caches = other._caches
         self._forwards = self._forwards or other._forwards  # compiled forwards are per model too
 
-    def release_caches(self) -> None:
-        """Free the decode engine's caches and graphs (shared caches: for every sharer); the next static
-        ``generate`` allocates and captures again."""
+    def release_caches(self, batch_pool: bool = True) -> None:
+        """Free the decode engine's caches and graphs (shared caches: for every sharer) and, with ``batch_pool``,
+        ``generate_batch``'s paged pool and its graphs; the next call allocates and captures again."""
         self._engines.clear()
         self._caches.store = None
+        if batch_pool:
+            self._runners.clear()
+            self._pool = None
         if torch.cuda.is_available():
             import gc
 

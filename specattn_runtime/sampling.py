@@ -93,3 +93,38 @@ def speculative_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, ta
     n, emitted = rejection_accept_device(draft_tokens, draft_probs, target_probs, seed, step)
     n = int(n)
     return n, int(emitted[n])
+
+
+# -- many sequences at once: one row per sequence, each with its own seed and step counter ---------------------------
+
+def greedy_accept_batch(draft_tokens: torch.Tensor, target_logits: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`greedy_accept_device` per row: ``draft_tokens`` int64 ``[B, k]``, ``target_logits`` ``[B, k + 1, V]``
+    -> ``(n int64 [B], emitted int64 [B, k + 1])``."""
+    target = target_logits.argmax(-1)  # [B, k + 1]
+    agree = (target[:, :-1] == draft_tokens).long()
+    return agree.cumprod(1).sum(1), target
+
+
+def rejection_accept_batch(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
+                           seed: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rejection_accept_device` per row, row ``b`` drawing at ``(seed[b], step[b])``: the same numbers the
+    one-sequence function draws for that sequence, so its tokens do not depend on its neighbours.
+
+    ``draft_tokens`` int64 ``[B, k]``; ``draft_probs`` ``[B, k + 1, V]`` with a zero last row; ``target_probs``
+    ``[B, k + 1, V]``; ``seed`` / ``step`` int64 ``[B, 1]``. Returns ``(n int64 [B], emitted int64 [B, k + 1])``.
+    """
+    b, k = draft_tokens.shape
+    dev = draft_tokens.device
+    tok = draft_tokens[..., None]
+    p = target_probs[:, :k].gather(-1, tok)[..., 0]  # [B, k]
+    q = draft_probs[:, :k].gather(-1, tok)[..., 0]
+    u = uniform(seed, step, SLOT_ACCEPT, k, dev)  # [B, k]
+    n = (u * q < p).long().cumprod(1).sum(1)  # [B]
+    at_n = n.view(b, 1, 1).expand(b, 1, target_probs.shape[-1])
+    p_n = target_probs.gather(1, at_n)[:, 0]  # [B, V]
+    residual = (p_n - draft_probs.gather(1, at_n)[:, 0]).clamp_min(0.0)
+    dist = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+    nxt = sample(dist, seed, step, SLOT_FINAL)  # [B, 1]
+    emitted = torch.cat([draft_tokens, nxt], dim=1)
+    return n, torch.where(torch.arange(k + 1, device=dev) == n[:, None], nxt, emitted)

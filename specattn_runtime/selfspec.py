@@ -142,4 +142,4 @@ def generate_self_eager(rt, ids: list[int], max_new_tokens: int, k: int, tempera
     stats.kv_read_sum = kv_read_sums(len(rt.layer_map), stats.steps, layers if k else [], kv_read.tolist())
     stats.new_tokens = len(sink.tokens)
     stats.time_total = time.perf_counter() - t_start
-    return GenerationOutput(sink.tokens, stats)
+    return GenerationOutput(sink.tokens, stats, sink.finish_reason)

@@ -64,6 +64,7 @@ class GenerationStats:
 class GenerationOutput:
     tokens: list[int]  # new tokens only
     stats: GenerationStats
+    finish_reason: str | None = None  # "stop" (EOS) or "length" (max_new_tokens), as OpenAI names them
 
 
 class TokenSink:
@@ -73,17 +74,19 @@ class TokenSink:
         self.max_new_tokens, self.eos_token_id, self.on_tokens = max_new_tokens, eos_token_id, on_tokens
         self.tokens: list[int] = []
         self.done = False
+        self.finish_reason: str | None = None
 
     def add(self, new: list[int]) -> None:
         """Take one step's tokens; sets ``done`` after EOS or when ``max_new_tokens`` are in."""
         if self.eos_token_id is not None and self.eos_token_id in new:
             new = new[: new.index(self.eos_token_id) + 1]
-            self.done = True
+            self.done, self.finish_reason = True, "stop"
         new = new[: self.max_new_tokens - len(self.tokens)]
         self.tokens.extend(new)
         if self.on_tokens is not None:
             self.on_tokens(new)
-        self.done = self.done or len(self.tokens) >= self.max_new_tokens
+        if not self.done and len(self.tokens) >= self.max_new_tokens:
+            self.done, self.finish_reason = True, "length"
 
 
 def kv_read_sums(n_layers: int, steps: int, sparse_layers, sparse_sums) -> list[float]:

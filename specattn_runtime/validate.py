@@ -113,7 +113,7 @@ def prompt_ids(value, vocab_size: int) -> list[int]:
             raise TypeError(f"prompt_ids must hold integer token ids, got a tensor of {t.dtype}")
         if t.ndim > 2 or t.ndim == 2 and t.shape[0] != 1:
             raise ValueError(f"prompt_ids has shape {tuple(t.shape)}: generate takes one prompt, [n] or [1, n] "
-                             "(batches are not supported yet)")
+                             "(for many prompts use generate_batch)")
         ids = t.reshape(-1).tolist()
     else:
         try:
@@ -124,7 +124,7 @@ def prompt_ids(value, vocab_size: int) -> list[int]:
                        for x in seq):
             if len(seq) != 1:
                 raise ValueError(f"prompt_ids holds {len(seq)} prompts: generate takes one prompt, [n] or [1, n] "
-                                 "(batches are not supported yet)")
+                                 "(for many prompts use generate_batch)")
             return prompt_ids(seq[0], vocab_size)
         ids = []
         for i, x in enumerate(seq):

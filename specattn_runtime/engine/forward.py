@@ -41,6 +41,9 @@ class ForwardContext:
     record: dict[int, torch.Tensor] = field(default_factory=dict)
     record_last_query: bool = False  # record the last query's attention only
     launch: dict = field(default_factory=dict)  # Triton launch settings (num_warps, num_stages, ...): speed only
+    # Paged pool (the batched engine): ``kv`` holds pools [n_pages, page_size, Hkv, D], ``write_pos`` the flat pool
+    # rows [B * Tq] of the new tokens (sequence-major), ``kv_len`` int32 [B] and this int32 [B, max_pages].
+    page_table: torch.Tensor | None = None
 
 
 _ACTIVE: list[ForwardContext] = []
@@ -67,6 +70,8 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if not _ACTIVE:
         raise RuntimeError("engine_attention runs only inside a decode-engine forward (no active ForwardContext)")
     ctx = _ACTIVE[-1]
+    if ctx.page_table is not None:
+        return _paged_attention(ctx, query, key, value, layer, scale)
     k_cache, v_cache = ctx.kv[layer]
     k_cache.index_copy_(2, ctx.write_pos, key)
     v_cache.index_copy_(2, ctx.write_pos, value)
@@ -83,6 +88,32 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out = attention_with_lengths_reference(query, k_cache, v_cache, ctx.kv_len, mask,
                                                chunk_size=ctx.chunk_size, scale=scale, record=rec,
                                                record_last_query=ctx.record_last_query)
+    return out.transpose(1, 2).contiguous()
+
+
+def _paged_attention(ctx: ForwardContext, query, key, value, layer: int, scale: float) -> torch.Tensor:
+    """``engine_attention`` over a paged pool: B sequences of ragged lengths, each through its page table."""
+    k_pool, v_pool = ctx.kv[layer]
+    b, hkv, tq, d = key.shape
+    flat = (-1, hkv, d)  # pool rows: [n_pages * page_size, Hkv, D]
+    k_pool.view(flat).index_copy_(0, ctx.write_pos, key.transpose(1, 2).reshape(b * tq, hkv, d))
+    v_pool.view(flat).index_copy_(0, ctx.write_pos, value.transpose(1, 2).reshape(b * tq, hkv, d))
+    sel, rec = ctx.sparse.get(layer), ctx.record.get(layer)
+    if ctx.backend == "triton":
+        from ..sparse.triton_attn import sparse_attention_triton
+
+        idx, count = sel if sel is not None else (None, None)
+        out = sparse_attention_triton(query, k_pool, v_pool, idx, count, chunk_size=ctx.chunk_size, scale=scale,
+                                      page_table=ctx.page_table, kv_lens=ctx.kv_len, record=rec,
+                                      record_last_query=ctx.record_last_query, **ctx.launch)
+    else:  # the reference: every sequence's pages gathered to its full page-table capacity (static shapes)
+        page = k_pool.shape[1]
+        rows = (ctx.page_table.long()[:, :, None] * page + torch.arange(page, device=key.device)).flatten(1)
+        k_all = k_pool.view(flat)[rows].transpose(1, 2)  # [B, Hkv, max_pages * page_size, D]
+        v_all = v_pool.view(flat)[rows].transpose(1, 2)
+        mask = indices_to_mask(*sel, n_chunks=sel[0].shape[-1]) if sel is not None else None
+        out = attention_with_lengths_reference(query, k_all, v_all, ctx.kv_len, mask, chunk_size=ctx.chunk_size,
+                                               scale=scale, record=rec, record_last_query=ctx.record_last_query)
     return out.transpose(1, 2).contiguous()
 
 

@@ -1,0 +1,354 @@
+"""The batched decode engine: one speculative step for up to ``max_batch`` sequences over a paged KV pool.
+
+The same step as :class:`~specattn_runtime.engine.step.DecodeEngine` (and :class:`SelfSpecEngine` for mode
+``self``) with a batch dimension everywhere: every buffer has one row per batch *slot*, a step runs on the first
+``b`` slots (``b`` a bucket from :data:`BUCKETS`, the live sequences packed first, the rest padding), and each
+phase is a static-shape function of those rows, captured as one CUDA graph per bucket (``graphs.py``).
+
+Per slot (sequence) on the device: ``L`` (positions its caches hold), ``cur`` (last emitted token, the next
+step's first query), ``prev`` (the token at ``L - 1``), its seed and step counter (the counter RNG draws row
+``b`` from ``(seed[b], step[b])``, so a sequence's samples never depend on its neighbours), temperature, top-p, and
+its page-table row (int32; padded slots point at the scratch page). Rollback after rejection is ``L += n + 1`` per
+row. One host read per step: ``out [b, k + 2]`` (tokens emitted, then the tokens).
+
+Modes (``mode``):
+
+- ``"draft"``: the draft model drafts ``k`` tokens (the first forward over ``[prev, cur]``), its mapped layers record
+  chunk-pooled rows per slot; one top-p launch selects every (slot, sparse layer[, KV head]) row; the target
+  verifies ``b x (k + 1)`` tokens reading per-slot chunk lists; ``k = 0`` is batched autoregressive decoding;
+- ``"self"``: the target drafts for itself over the chunks its last dense verification attended to (per layer),
+  then verifies densely and records (lossless).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rng import SLOT_FINAL, sample
+from ..sampling import greedy_accept_batch, probs_device, rejection_accept_batch
+from .forward import ForwardContext, active
+from .pages import SCRATCH_PAGE, PagedKVPool
+from .step import SAMPLING_MODES, SparsePlan
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes a step runs (and captures graphs) at
+
+
+def bucket_for(n: int, max_batch: int) -> int:
+    """The smallest bucket holding ``n`` sequences (``max_batch`` itself past the largest listed one)."""
+    for b in BUCKETS:
+        if b >= n:
+            return min(b, max_batch)
+    return max_batch
+
+
+class BatchEngine:
+    """Static-shape batched speculative decoding over a :class:`PagedKVPool`.
+
+    Parameters
+    ----------
+    target : torch.nn.Module
+        The target model (vocabulary size).
+    pool : PagedKVPool
+        Page pools with role ``"target"`` (and ``"draft"`` in mode ``draft`` with ``k >= 1``).
+    plan : SparsePlan
+        Sparse layers: verification layers in mode ``draft``, drafting layers in mode ``self`` (per layer only).
+    k : int
+        Drafted tokens per step (``0``: autoregressive; mode ``self`` needs ``k >= 1``).
+    forwards : dict
+        role -> ``forward(ids [b, Tq], positions [b, Tq]) -> logits [b, Tq, V]`` (``forward.make_forward``).
+    max_batch : int
+        Slots (rows of every buffer).
+    max_pages : int
+        Page-table width: pages of the longest sequence the engine may hold.
+    sampling, backend : str
+        As :class:`DecodeEngine`.
+    """
+
+    def __init__(self, target, pool: PagedKVPool, plan: SparsePlan, k: int, forwards: dict, *, max_batch: int,
+                 max_pages: int, mode: str = "draft", sampling: str = "greedy", backend: str = "torch"):
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if mode not in ("draft", "self"):
+            raise ValueError(f"mode must be 'draft' or 'self', got {mode!r}")
+        if mode == "self" and (k < 1 or plan.per_head):
+            raise ValueError("batched self-speculation needs k >= 1 and a per-layer plan (self_plan)")
+        if pool.page_size % plan.chunk_size:
+            raise ValueError(f"page size {pool.page_size} must be a multiple of the chunk size {plan.chunk_size}")
+        self.target, self.pool, self.plan, self.k, self.mode = target, pool, plan, k, mode
+        self.forwards, self.sampling, self.backend = forwards, sampling, backend
+        self.max_batch, self.max_pages = int(max_batch), int(max_pages)
+        self.device = dev = pool.device
+        bm, c = self.max_batch, plan.chunk_size
+        self.n_chunks = self.max_pages * pool.page_size // c
+        cfg = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+        vocab = cfg.vocab_size
+        i64 = dict(dtype=torch.int64, device=dev)
+        # -- per-slot state carried from step to step
+        self.L = torch.zeros(bm, **i64)
+        self.cur = torch.zeros(bm, 1, **i64)
+        self.prev = torch.zeros(bm, 1, **i64)
+        self.step_no = torch.zeros(bm, 1, **i64)
+        self.seed = torch.zeros(bm, 1, **i64)
+        self.temperature = torch.ones(bm, 1, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(bm, 1, dtype=torch.float32, device=dev)
+        self.page_table = torch.full((bm, self.max_pages), SCRATCH_PAGE, dtype=torch.int32, device=dev)
+        ns = len(plan.sparse_layers)
+        self.kv_read = torch.zeros(bm, ns, dtype=torch.float64, device=dev)  # summed fraction read, per slot/layer
+        # -- per-step buffers
+        self.offsets = torch.arange(k + 1, **i64)
+        self.out = torch.zeros(bm, k + 2, **i64)
+        self.verify_ids = torch.zeros(bm, k + 1, **i64)
+        self.drafted = torch.zeros(bm, k + 1, **i64)
+        self.tlogits = torch.zeros(bm, k + 1, vocab, dtype=next(target.parameters()).dtype, device=dev)
+        self.q_probs = torch.zeros(bm, k + 1, vocab, dtype=torch.float32, device=dev) \
+            if sampling != "greedy" and k else None  # the last row stays 0: the bonus position has no draft
+        self._selection_buffers()
+        if mode == "self":
+            self.all_chunks = torch.arange(self.n_chunks, dtype=torch.int32, device=dev)
+        self.phases = self._phase_table()
+
+    # -- buffers -----------------------------------------------------------------------------------------------------
+
+    def _selection_buffers(self) -> None:
+        """Score rows and the selection, one block of rows per slot (slot-major, so a bucket is a prefix).
+
+        ``scores`` float32 ``[max_batch, n_record(, Hkv_draft), C]``: what the recording layers add; ``score_rows``
+        int64 ``[R]``: the rows of ``scores[b].view(-1, C)`` selection gathers (one per sparse layer, or per
+        (sparse layer, target KV head)); ``sel_p`` ``[max_batch * R]``; ``idx`` int32 ``[max_batch * R, C]`` /
+        ``count`` int32 ``[max_batch * R]``.
+        """
+        plan, dev, bm, c = self.plan, self.device, self.max_batch, self.n_chunks
+        rec = plan.record_layers
+        if plan.per_head:
+            hd = self.pool.kv["draft"][0][0].shape[2]
+            rows = [rec.index(i) * hd + h for i, heads in zip(plan.draft_layers, plan.head_map) for h in heads]
+            p = [x for ps in plan.top_p_head for x in ps]
+            self.scores = torch.zeros(bm, len(rec), hd, c, dtype=torch.float32, device=dev)
+        else:
+            rows, p = [rec.index(i) for i in plan.draft_layers], list(plan.top_p)
+            self.scores = torch.zeros(bm, len(rec), c, dtype=torch.float32, device=dev)
+        self.R = len(rows)
+        self.score_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
+        self.sel_p = torch.tensor(p, dtype=torch.float32, device=dev).repeat(bm)
+        n = bm * self.R
+        self.n_valid = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.recent_start = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.idx = torch.zeros(n, c, dtype=torch.int32, device=dev)
+        self.count = torch.zeros(n, dtype=torch.int32, device=dev)
+
+    def _selections(self, b: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per sparse layer, its selection for the first ``b`` slots: ``(idx [b, C], count [b])`` or, per KV head,
+        ``(idx [b, Hkv, C], count [b, Hkv])`` (views)."""
+        ns, c = len(self.plan.sparse_layers), self.n_chunks
+        idx, count = self.idx[: b * self.R], self.count[: b * self.R]
+        if self.plan.per_head:
+            idx, count = idx.view(b, ns, -1, c), count.view(b, ns, -1)
+        else:
+            idx, count = idx.view(b, ns, c), count.view(b, ns)
+        return {j: (idx[:, r], count[:, r]) for r, j in enumerate(self.plan.sparse_layers)}
+
+    def _layer_counts(self, b: int) -> torch.Tensor:
+        """float64 ``[b, n_sparse]``: chunks each sparse layer reads (mean over its KV heads when per head)."""
+        return self.count[: b * self.R].view(b, len(self.plan.sparse_layers), -1).double().mean(-1)
+
+    def _rows(self, pos: torch.Tensor, b: int) -> torch.Tensor:
+        """Flat pool rows ``[b * T]`` of positions ``pos`` int64 ``[b, T]`` through the first ``b`` page tables."""
+        page = self.pool.page_size
+        pages = self.page_table[:b].gather(1, pos // page).long()
+        return (pages * page + pos % page).reshape(-1)
+
+    def _context(self, role: str, pos: torch.Tensor, kv_len: torch.Tensor, b: int, **kw) -> ForwardContext:
+        return ForwardContext(self.pool.kv[role], self._rows(pos, b), kv_len, self.plan.chunk_size, self.backend,
+                              page_table=self.page_table[:b], **kw)
+
+    def _phase_table(self) -> dict:
+        """Phase name -> function of the bucket ``b``, in replay order."""
+        if not self.k:
+            return {"verify": self._decode}
+        if self.mode == "self":  # select last: it needs the accepted length, the next draft its result
+            phases = {"draft": self._self_draft, "verify": self._self_verify, "accept": self._accept_phase,
+                      "select": self._self_select}
+        else:
+            phases = {"draft": self._draft, "select": self._select, "verify": self._verify,
+                      "accept": self._accept_phase}
+        if not self.plan.sparse_layers:
+            phases.pop("select")
+        return phases
+
+    # -- phases ------------------------------------------------------------------------------------------------------
+
+    def _choose(self, logits: torch.Tensor, slot: int, b: int) -> torch.Tensor:
+        """Next token int64 ``[b, 1]`` from logits ``[b, V]``: argmax, or row ``i``'s draw at ``slot``."""
+        if self.sampling == "greedy":
+            return logits.argmax(-1, keepdim=True)
+        probs = probs_device(logits, self.temperature[:b], self.top_p[:b] if self.sampling == "sample_top_p"
+                             else None)
+        if self.q_probs is not None and slot < self.k:
+            self.q_probs[:b, slot].copy_(probs)
+        return sample(probs, self.seed[:b], self.step_no[:b], slot)
+
+    def _draft(self, b: int) -> None:
+        k, L = self.k, self.L[:b]
+        self.scores[:b].zero_()
+        pos = (L[:, None] + self.offsets - 1).clamp_(min=0)  # [b, k + 1]: L - 1, L, .. L + k - 1 (L = 0: both 0)
+        lens = (pos + 1).to(torch.int32)
+        rec = self.scores[:b]
+        record = {i: rec[:, r] for r, i in enumerate(self.plan.record_layers)}
+        ids, p = torch.cat([self.prev[:b], self.cur[:b]], dim=1), pos[:, :2]
+        for s in range(k):
+            kv_len = lens[:, s + 1].contiguous()
+            ctx = self._context("draft", p, kv_len, b, record=record, record_last_query=s == 0)
+            with active(ctx):
+                logits = self.forwards["draft"](ids, p)[:, -1]
+            self.drafted[:b, s : s + 1].copy_(self._choose(logits, s, b))
+            ids, p = self.drafted[:b, s : s + 1], pos[:, s + 2 : s + 3]
+
+    def _select(self, b: int) -> None:
+        c = self.plan.chunk_size  # every chunk holding a verified position is kept
+        self._select_top_p(b, self.L[:b] + self.k + 1, self.L[:b] // c)
+
+    def _select_top_p(self, b: int, n_keys: torch.Tensor, recent_start: torch.Tensor) -> None:
+        """Top-p over the first ``b`` slots' rows: chunks below ``ceil(n_keys / c)`` (int64 ``[b]``), every chunk
+        from ``recent_start`` (``[b]``) on forced."""
+        c, n = self.plan.chunk_size, b * self.R
+        self.n_valid[:n].copy_(((n_keys + c - 1) // c)[:, None].expand(b, self.R).reshape(-1))
+        self.recent_start[:n].copy_(recent_start[:, None].expand(b, self.R).reshape(-1))
+        rows = self.scores[:b].flatten(1, -2).index_select(1, self.score_rows).reshape(n, -1)  # [b * R, C]
+        if self.backend == "triton":
+            from ..selection.triton_select import topp_select_triton
+
+            topp_select_triton(rows, self.sel_p[:n], self.n_valid[:n], recent_start=self.recent_start[:n],
+                               out_idx=self.idx[:n], out_count=self.count[:n])
+        else:
+            from ..selection.threshold import topp_mask_threshold
+            from ..sparse.triton_attn import mask_to_indices
+
+            mask = topp_mask_threshold(rows, self.sel_p[:n], self.n_valid[:n], recent_start=self.recent_start[:n])
+            idx, count = mask_to_indices(mask)
+            self.idx[:n].copy_(idx)
+            self.count[:n].copy_(count)
+
+    def _target_forward(self, b: int, q_len: int, **kw) -> torch.Tensor:
+        """The target over ``verify_ids[:b, :q_len]`` at positions ``L .. L + q_len - 1``: logits ``[b, q_len, V]``."""
+        pos = self.L[:b, None] + self.offsets[:q_len]
+        kv_len = (self.L[:b] + q_len).to(torch.int32)
+        with active(self._context("target", pos, kv_len, b, **kw)):
+            return self.forwards["target"](self.verify_ids[:b, :q_len], pos)
+
+    def _verify(self, b: int) -> None:
+        self.verify_ids[:b, :1].copy_(self.cur[:b])
+        self.verify_ids[:b, 1:].copy_(self.drafted[:b, : self.k])
+        self.tlogits[:b].copy_(self._target_forward(b, self.k + 1, sparse=self._selections(b)))
+
+    def _accept(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n accepted int64 [b], emitted int64 [b, k + 1])``; benchmarks override it."""
+        drafted = self.drafted[:b, : self.k]
+        if self.sampling == "greedy":
+            return greedy_accept_batch(drafted, self.tlogits[:b])
+        top_p = self.top_p[:b, :, None] if self.sampling == "sample_top_p" else None
+        p = probs_device(self.tlogits[:b], self.temperature[:b, :, None], top_p)
+        return rejection_accept_batch(drafted, self.q_probs[:b], p, self.seed[:b], self.step_no[:b])
+
+    def _accept_phase(self, b: int) -> None:
+        if self.plan.sparse_layers and self.mode == "draft":  # share of the visible keys each sparse layer read
+            c = self.plan.chunk_size  # (the newest chunk's padding past the last key is not a read)
+            n_keys = (self.L[:b] + self.k + 1).double()[:, None]  # the verification's key count
+            pad = torch.ceil(n_keys / c) * c - n_keys
+            self.kv_read[:b].add_((self._layer_counts(b) * c - pad) / n_keys)
+        n, emitted = self._accept(b)
+        self._emit(b, n, emitted)
+
+    def _emit(self, b: int, n: torch.Tensor, emitted: torch.Tensor) -> None:
+        self.out[:b, :1].copy_(n[:, None] + 1)
+        self.out[:b, 1 : 1 + emitted.shape[1]].copy_(emitted)
+        self.prev[:b].copy_(self.verify_ids[:b].gather(1, n[:, None]))  # the token now at position L + n
+        self.cur[:b].copy_(emitted.gather(1, n[:, None]))
+        self.L[:b].add_(n + 1)  # rollback of both caches: the rejected positions are simply beyond L
+        self.step_no[:b].add_(1)
+
+    def _decode(self, b: int) -> None:
+        """``k = 0``: one target forward of each slot's last token, one new token each."""
+        self.verify_ids[:b, :1].copy_(self.cur[:b])
+        logits = self._target_forward(b, 1)[:, -1]
+        tok = self._choose(logits, SLOT_FINAL, b)
+        self._emit(b, torch.zeros(b, dtype=torch.int64, device=self.device), tok)
+
+    # -- mode "self" -------------------------------------------------------------------------------------------------
+
+    def _self_draft(self, b: int) -> None:
+        k, L = self.k, self.L[:b]
+        ids, sparse = self.cur[:b], self._selections(b)
+        for s in range(k):
+            pos = (L + s)[:, None]
+            with active(self._context("target", pos, (L + s + 1).to(torch.int32), b, sparse=sparse)):
+                logits = self.forwards["target"](ids, pos)[:, -1]
+            self.drafted[:b, s : s + 1].copy_(self._choose(logits, s, b))
+            ids = self.drafted[:b, s : s + 1]
+        if self.plan.sparse_layers:  # share of the last draft forward's keys each sparse layer read
+            c = self.plan.chunk_size
+            n_keys = (L + k).double()[:, None]
+            pad = torch.ceil(n_keys / c) * c - n_keys
+            self.kv_read[:b].add_(((self._layer_counts(b) * c - pad) / n_keys).clamp(max=1.0))
+
+    def _self_verify(self, b: int) -> None:
+        self.scores[:b].zero_()  # the dense verification adds this round's attention
+        self.verify_ids[:b, :1].copy_(self.cur[:b])
+        self.verify_ids[:b, 1:].copy_(self.drafted[:b, : self.k])
+        rec = self.scores[:b]
+        record = {j: rec[:, r] for r, j in enumerate(self.plan.record_layers)}
+        self.tlogits[:b].copy_(self._target_forward(b, self.k + 1, record=record))
+
+    def _self_select(self, b: int) -> None:
+        # the next round drafts L .. L + k - 1: candidates below ceil((L + k) / c), every chunk from the one
+        # holding L - 1 (the newest verified key) on is read
+        c, L = self.plan.chunk_size, self.L[:b]
+        self._select_top_p(b, L + self.k, (L - 1).clamp(min=0) // c)
+
+    # -- slots -------------------------------------------------------------------------------------------------------
+
+    def load_slot(self, slot: int, pages: list[int], length: int, last_token: int, prev_token: int | None, *,
+                  seed: int = 0, temperature: float = 1.0, top_p: float = 1.0) -> None:
+        """Make ``slot`` decode a sequence whose pages hold ``length`` positions, ``last_token`` emitted."""
+        if len(pages) > self.max_pages:
+            raise ValueError(f"{len(pages)} pages exceed the engine's page table of {self.max_pages}")
+        if length > 0 and prev_token is None:
+            raise ValueError("prev_token (the token at position length - 1) is needed when length > 0")
+        row = torch.full((self.max_pages,), SCRATCH_PAGE, dtype=torch.int32)
+        row[: len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.page_table[slot].copy_(row)
+        self.L[slot] = length
+        self.cur[slot] = last_token
+        self.prev[slot] = last_token if length == 0 or prev_token is None else prev_token
+        self.step_no[slot] = 0
+        self.seed[slot] = seed
+        self.temperature[slot] = max(float(temperature), 1e-6)
+        self.top_p[slot] = float(top_p)
+        self.kv_read[slot] = 0
+        if self.mode == "self" and self.plan.sparse_layers:  # the first round drafts densely: nothing recorded yet
+            r = slice(slot * self.R, (slot + 1) * self.R)
+            self.idx[r].copy_(self.all_chunks.expand(self.R, -1))
+            self.count[r].fill_(-(-(length + self.k) // self.plan.chunk_size))
+
+    def clear_slot(self, slot: int) -> None:
+        """A padded slot: its page table points at the scratch page, its length at 0."""
+        self.page_table[slot].fill_(SCRATCH_PAGE)
+        self.L[slot] = 0
+        self.cur[slot] = 0
+        self.prev[slot] = 0
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Move a sequence's device state from slot ``src`` to ``dst`` (to keep the live slots a prefix)."""
+        for t in self._slot_tensors():
+            t[dst].copy_(t[src])
+        r = self.R
+        for t in (self.idx, self.count, self.n_valid, self.recent_start):
+            t[dst * r : (dst + 1) * r].copy_(t[src * r : (src + 1) * r])
+        self.clear_slot(src)
+
+    def _slot_tensors(self) -> list[torch.Tensor]:
+        return [self.L, self.cur, self.prev, self.step_no, self.seed, self.temperature, self.top_p,
+                self.page_table, self.kv_read, self.scores]
+
+    def kv_read_sum(self, slot: int) -> list[float]:
+        """Per sparse layer, the summed fraction of keys slot ``slot`` read (reads the device)."""
+        return self.kv_read[slot].tolist()

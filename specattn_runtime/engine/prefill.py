@@ -1,0 +1,66 @@
+"""Chunked prefill of one sequence into the paged pool, through transformers' own forward (its masks, its SDPA).
+
+A prompt goes in pieces of ``chunk_tokens`` tokens, so a 128K prompt never materialises full-length logits
+(``logits_to_keep=1``) or a ``[T, T]`` mask. Each piece's keys and values are written into the sequence's pages;
+its attention reads the sequence's positions so far gathered into a contiguous copy (prefill is compute-bound and
+runs once per prompt: the copy is not what it costs). Positions filled this way are exact, as in
+:meth:`KVStore.prefill`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .pages import PagedKVPool
+
+PREFILL_TOKENS = 4096  # tokens per prefill forward: bounds the [piece, keys] mask transformers builds
+
+
+class _PagedPrefillLayer(DynamicLayer):
+    """One layer's cache during a prefill: writes go to the pool pages, reads see the positions so far."""
+
+    def __init__(self, pool: PagedKVPool, role: str, layer: int, pages: list[int], length: int):
+        super().__init__()
+        self.pool, self.role, self.layer, self.pages, self.length = pool, role, layer, pages, length
+        self.is_initialized = True
+        self.keys = self.values = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # the pool is allocated already
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        rows = self.pool.slots(self.pages, self.length, end)
+        k_pool, v_pool = self.pool.kv[self.role][self.layer]
+        flat = (-1, *k_pool.shape[2:])
+        # key_states [1, Hkv, T, D] -> [T, Hkv, D] rows of the pool
+        k_pool.view(flat).index_copy_(0, rows, key_states[0].transpose(0, 1).to(k_pool.dtype))
+        v_pool.view(flat).index_copy_(0, rows, value_states[0].transpose(0, 1).to(v_pool.dtype))
+        self.length = end
+        self.keys, self.values = self.pool.gather(self.role, self.layer, self.pages, end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return len(self.pages) * self.pool.page_size
+
+
+@torch.no_grad()
+def prefill_into_pool(pool: PagedKVPool, role: str, pages: list[int], ids: list[int],
+                      chunk_tokens: int = PREFILL_TOKENS) -> None:
+    """Fill positions ``[0, len(ids))`` of the sequence owning ``pages`` with ``ids``, ``chunk_tokens`` at a time."""
+    if chunk_tokens < 1:
+        raise ValueError(f"prefill chunk must be >= 1 token, got {chunk_tokens}")
+    if len(ids) > len(pages) * pool.page_size:
+        raise ValueError(f"{len(ids)} tokens do not fit {len(pages)} pages of {pool.page_size}")
+    model = pool.models[role]
+    layers = [_PagedPrefillLayer(pool, role, j, pages, 0) for j in range(len(pool.kv[role]))]
+    cache = Cache(layers=layers)
+    for start in range(0, len(ids), chunk_tokens):
+        block = torch.tensor([ids[start : start + chunk_tokens]], dtype=torch.long, device=pool.device)
+        model(block, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for layer in layers:  # the gathered copies are only needed during the piece's forward
+            layer.keys = layer.values = None
