@@ -152,7 +152,8 @@ class Bytes:
 
 @torch.no_grad()
 def hf_compiled_ar(model, ids: torch.Tensor, new_tokens: int, chunk: int = 4096) -> dict:
-    """transformers' StaticCache + compiled one-token step, greedy; decode tokens/s after warm-up.
+    """transformers' StaticCache + compiled one-token step, greedy; decode tokens/s after warm-up. ``ids``
+    ``[B, n]``: B equal-length prompts in one static batch (``bench/throughput.py``).
 
     Timed twice: feeding each token back on the device and reading them all at the end (HF's best case: its
     ``tokens_per_second``), and reading each token as it comes, as a loop that streams or checks EOS does (and as
@@ -189,11 +190,12 @@ def hf_compiled_ar(model, ids: torch.Tensor, new_tokens: int, chunk: int = 4096)
                 torch.compiler.cudagraph_mark_step_begin()
                 nxt = compiled(cur)
                 cur = nxt.clone()
-                out.append(int(nxt) if read_each else cur)
+                out.append(int(nxt.view(-1)[0]) if read_each else cur)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t1)
-        return {"tokens_per_second": new_tokens / times[0], "step_ms": 1e3 * times[0] / new_tokens,
-                "tokens_per_second_read_each": new_tokens / times[1], "compile_s": compile_s}
+        b = ids.shape[0]  # a batch of equal-length prompts decodes b tokens per step
+        return {"tokens_per_second": b * new_tokens / times[0], "step_ms": 1e3 * times[0] / new_tokens,
+                "tokens_per_second_read_each": b * new_tokens / times[1], "compile_s": compile_s}
     finally:
         model.set_attn_implementation("specattn")
         if code is not None:

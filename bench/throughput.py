@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import PAIRS, Bytes, artifact_for, build  # noqa: E402
+from bench.e2e import PAIRS, Bytes, artifact_for, build, hf_compiled_ar  # noqa: E402
 from bench.kernels import copy_bandwidth  # noqa: E402
 from specattn_runtime import SpecAttnRuntime  # noqa: E402
 from specattn_runtime.engine import SparsePlan, make_forward, self_plan  # noqa: E402
@@ -125,52 +125,18 @@ def run_batched(eng: BatchEngine, pages: list[list[int]], prompt: list[int], ste
             "capture_s": capture_s}
 
 
-@torch.no_grad()
-def hf_compiled_batch(model, batch: int, ctx: int, new_tokens: int, chunk: int = 4096) -> dict:
-    """transformers' StaticCache of batch ``batch`` + the compiled one-token step, greedy, equal-length prompts."""
-    from transformers import StaticCache
-
-    model.set_attn_implementation("sdpa")
-    code = None
+def hf_compiled_batch(model, batch: int, ctx: int, new_tokens: int) -> dict:
+    """transformers' StaticCache of batch ``batch`` + the compiled one-token step (bench/e2e.py's, on B prompts),
+    reading each step's tokens as this runtime does."""
     try:
         ids = torch.randint(0, model.config.vocab_size, (batch, ctx), device="cuda")
-        cache = StaticCache(config=model.config, max_cache_len=ctx + 2 * new_tokens + 16)
-        per = max(1, chunk // batch)
-        for s in range(0, ctx - 1, per):
-            model(input_ids=ids[:, s : min(s + per, ctx - 1)], past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
-
-        def step(tok):
-            return model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-
-        code = step.__code__
-        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        cur = ids[:, -1:].clone()
-        t0 = time.perf_counter()
-        for _ in range(4):
-            torch.compiler.cudagraph_mark_step_begin()
-            cur = compiled(cur).clone()
-        torch.cuda.synchronize()
-        compile_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            torch.compiler.cudagraph_mark_step_begin()
-            cur = compiled(cur).clone()
-            cur.view(-1)[0].item()  # read each step, as this runtime does
-        elapsed = time.perf_counter() - t1
-        return {"tokens_per_second": batch * new_tokens / elapsed, "step_ms": 1e3 * elapsed / new_tokens,
-                "capture_s": compile_s}
+        res = hf_compiled_ar(model, ids, new_tokens, chunk=max(1, 4096 // batch))
+        return {"tokens_per_second": res["tokens_per_second_read_each"],
+                "step_ms": 1e3 * batch / res["tokens_per_second_read_each"], "capture_s": res["compile_s"]}
     except torch.OutOfMemoryError as e:
-        return {"error": f"out of memory: {str(e)[:120]}"}
-    finally:
-        model.set_attn_implementation("specattn")
-        if code is not None:
-            torch._dynamo.reset_code(code)
-        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-        reset_cudagraph_trees()
         gc.collect()
         torch.cuda.empty_cache()
+        return {"error": f"out of memory: {str(e)[:120]}"}
 
 
 @torch.no_grad()

@@ -188,3 +188,27 @@ def test_scheduler_waits_for_pages_in_arrival_order():
     assert s.admit() == [first]  # second does not fit; third, behind it, waits too
     s.finish(first)
     assert s.admit() == [second, third]
+
+
+@pytest.mark.slow
+def test_shipped_pair_batch_equals_each_prompt_alone(quick_pair):
+    """SmolLM2-135M and its early-exit draft on real text: three prompts of different lengths, k = 4, sparse
+    verification at p 0.7 on every mapped layer."""
+    from pipelines import assets
+    from pipelines.corpus import wiki_articles
+    from specattn_runtime.hooks import register
+    from specattn_runtime.models import load_causal_lm, load_tokenizer
+
+    name = register()
+    draft = load_causal_lm(quick_pair[0], attn_implementation=name)
+    target = load_causal_lm(quick_pair[1], attn_implementation=name)
+    art = make_artifact(n_t=30, n_d=10, dense=2)
+    art = dataclasses.replace(art, top_p=torch.tensor([1.0, 1.0] + [0.7] * 28))
+    tok = load_tokenizer(quick_pair[1])
+    texts = [t for _, t in wiki_articles(assets.fetch(assets.ENWIKI_BZ2))[3:6]]
+    ps = [tok(t).input_ids[:n] for t, n in zip(texts, (400, 90, 230))]
+    eager = SpecAttnRuntime(art, draft, target, tok, engine="eager")
+    static = SpecAttnRuntime(art, draft, target, tok, engine="static")
+    alone = eager.generate_batch(ps, 24, k=4)
+    same_outputs(alone, static.generate_batch(ps, 24, k=4))
+    all_pages_free(static)
