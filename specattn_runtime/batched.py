@@ -89,9 +89,10 @@ def check_pool_fits(pool_pages: int, page_size: int, page_bytes: int, seqs: list
                          f"{gb:.2f}, pass a smaller max_batch, or shorten the prompts or max_new_tokens")
 
 
-def pool_for(models: dict, seqs: list[Sequence], slots: int, kv_memory_gb: float | None,
-             kv_memory_fraction: float | None, current: PagedKVPool | None) -> PagedKVPool:
-    """The pool to run ``seqs`` on: ``current`` when it is the size asked for (or, unsized, large enough)."""
+def pool_pages(models: dict, seqs: list[Sequence], slots: int, kv_memory_gb: float | None,
+               kv_memory_fraction: float | None, current: PagedKVPool | None) -> int | None:
+    """Pages of the pool to run ``seqs`` on, or ``None`` when ``current`` is the size asked for (or, unsized, large
+    enough). Raises before anything is allocated when the batch cannot fit."""
     page_bytes = bytes_per_page(models, PAGE_SIZE)
     if kv_memory_gb is not None and kv_memory_fraction is not None:
         raise ValueError("pass kv_memory_gb or kv_memory_fraction, not both")
@@ -105,16 +106,15 @@ def pool_for(models: dict, seqs: list[Sequence], slots: int, kv_memory_gb: float
         dev = next(next(iter(models.values())).parameters()).device
         if dev.type != "cuda":
             raise ValueError("kv_memory_fraction sizes the pool from free GPU memory; on the CPU pass kv_memory_gb")
-        n_pages = int(torch.cuda.mem_get_info(dev)[0] * kv_memory_fraction // page_bytes)
+        free = torch.cuda.mem_get_info(dev)[0] + (current.nbytes() if current is not None else 0)
+        n_pages = int(free * kv_memory_fraction // page_bytes)
     else:  # what the batch needs at once, unless the pool already holds it
         need = sorted((-(-s.positions_needed // PAGE_SIZE) for s in seqs), reverse=True)[:slots]
         if current is not None and current.n_pages - 1 >= sum(need):
-            return current
+            return None
         n_pages = sum(need) + 1
     check_pool_fits(n_pages, PAGE_SIZE, page_bytes, seqs, slots)
-    if current is not None and current.n_pages == n_pages:
-        return current
-    return PagedKVPool(models, n_pages, PAGE_SIZE)
+    return None if current is not None and current.n_pages == n_pages else n_pages
 
 
 def max_pages_for(seqs: list[Sequence], pool: PagedKVPool) -> int:

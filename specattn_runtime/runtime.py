@@ -313,14 +313,15 @@ class SpecAttnRuntime:
 
     def _batch_pool(self, seqs, slots: int, kv_memory_gb, kv_memory_fraction):
         """The paged pool for a batch (kept between calls; a new pool drops the engines captured over the old)."""
-        from .batched import pool_for
+        from .batched import PAGE_SIZE, pool_pages
+        from .engine.pages import PagedKVPool
 
         models = {"target": self.target} if self.mode == "self" else {"target": self.target, "draft": self.draft}
-        pool = pool_for(models, seqs, slots, kv_memory_gb, kv_memory_fraction, self._pool)
-        if pool is not self._pool:
-            self._runners.clear()  # their graphs and buffers point into the old pool
-            self._pool = pool
-        return pool
+        n_pages = pool_pages(models, seqs, slots, kv_memory_gb, kv_memory_fraction, self._pool)
+        if n_pages is not None:  # free the old pool (and the graphs over it) before allocating the new one
+            self.release_caches(single=False)
+            self._pool = PagedKVPool(models, n_pages, PAGE_SIZE)
+        return self._pool
 
     def _batch_runner(self, k: int, temperature: float, top_p: float, slots: int, seqs, pool, prefill_tokens):
         from .batched import max_pages_for, runner_for
@@ -404,11 +405,12 @@ class SpecAttnRuntime:
         self._caches = other._caches
         self._forwards = self._forwards or other._forwards  # compiled forwards are per model too
 
-    def release_caches(self, batch_pool: bool = True) -> None:
-        """Free the decode engine's caches and graphs (shared caches: for every sharer) and, with ``batch_pool``,
-        ``generate_batch``'s paged pool and its graphs; the next call allocates and captures again."""
-        self._engines.clear()
-        self._caches.store = None
+    def release_caches(self, batch_pool: bool = True, single: bool = True) -> None:
+        """Free the decode engine's caches and graphs (``single``; shared caches: for every sharer) and, with
+        ``batch_pool``, ``generate_batch``'s paged pool and its graphs; the next call allocates and captures again."""
+        if single:
+            self._engines.clear()
+            self._caches.store = None
         if batch_pool:
             self._runners.clear()
             self._pool = None
