@@ -81,6 +81,12 @@ def build(cfg: dict, max_pos: int):
     return model.eval()
 
 
+def forced_cycle(accepted_length: float, k: int, n: int = 64) -> list[int]:
+    """``n`` accepted-draft counts (each <= ``k``) whose mean is ``accepted_length - 1``, spread evenly."""
+    a = accepted_length - 1
+    return [min(k, math.floor(s * a) - math.floor((s - 1) * a)) for s in range(1, n + 1)]
+
+
 class ForcedAcceptanceMixin:
     """An engine with its accepted count forced to a fixed cycle averaging ``accepted_length - 1`` drafts per step
     (set on the class or the instance before ``start``; read into a device buffer when a generation starts)."""
@@ -94,9 +100,7 @@ class ForcedAcceptanceMixin:
 
     def start(self, *args, **kwargs) -> None:
         super().start(*args, **kwargs)
-        a = self.accepted_length - 1
-        cycle = [min(self.k, math.floor(s * a) - math.floor((s - 1) * a)) for s in range(1, self.CYCLE + 1)]
-        self.schedule.copy_(torch.tensor(cycle))
+        self.schedule.copy_(torch.tensor(forced_cycle(self.accepted_length, self.k, self.CYCLE)))
 
     def _accept(self):
         n = self.schedule.index_select(0, self.step_no % self.CYCLE)

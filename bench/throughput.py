@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import PAIRS, Bytes, artifact_for, build, hf_compiled_ar  # noqa: E402
+from bench.e2e import PAIRS, Bytes, artifact_for, build, forced_cycle, hf_compiled_ar  # noqa: E402
 from bench.kernels import copy_bandwidth  # noqa: E402
 from specattn_runtime import SpecAttnRuntime  # noqa: E402
 from specattn_runtime.engine import SparsePlan, make_forward, self_plan  # noqa: E402
@@ -57,9 +56,8 @@ class ForcedBatchAcceptance(BatchEngine):
 
     def __init__(self, *args, accepted_length: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
-        a = accepted_length - 1
-        cycle = [min(self.k, math.floor(s * a) - math.floor((s - 1) * a)) for s in range(1, self.CYCLE + 1)]
-        self.schedule = torch.tensor(cycle, dtype=torch.int64, device=self.device)
+        self.schedule = torch.tensor(forced_cycle(accepted_length, self.k, self.CYCLE), dtype=torch.int64,
+                                     device=self.device)
 
     def _accept(self, b: int):
         phase = (self.step_no[:b, 0] + torch.arange(b, device=self.device) * 7) % self.CYCLE

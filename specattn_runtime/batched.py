@@ -79,12 +79,17 @@ def generate_batch(rt, prompts, max_new_tokens: int = 256, *, k: int = 6, temper
         return runner.run(seqs)
 
 
-def check_pool_fits(pool_pages: int, page_size: int, page_bytes: int, seqs: list[Sequence], slots: int) -> None:
+def pages_at_once(seqs: list[Sequence], slots: int) -> list[int]:
+    """Pages of the ``slots`` largest sequences: the most that may run at once."""
+    return sorted((-(-s.positions_needed // PAGE_SIZE) for s in seqs), reverse=True)[:slots]
+
+
+def check_pool_fits(pool_pages: int, page_bytes: int, seqs: list[Sequence], slots: int) -> None:
     """The ``slots`` largest sequences (those that may run at once) must fit the pool together."""
-    need = sorted((-(-s.positions_needed // page_size) for s in seqs), reverse=True)[:slots]
+    need = pages_at_once(seqs, slots)
     if sum(need) > pool_pages - 1:
         gb = (sum(need) + 1) * page_bytes / 2**30
-        raise ValueError(f"the batch needs {sum(need)} KV pages of {page_size} positions at once "
+        raise ValueError(f"the batch needs {sum(need)} KV pages of {PAGE_SIZE} positions at once "
                          f"({len(need)} sequences), the pool has {pool_pages - 1}: raise kv_memory_gb to at least "
                          f"{gb:.2f}, pass a smaller max_batch, or shorten the prompts or max_new_tokens")
 
@@ -109,11 +114,11 @@ def pool_pages(models: dict, seqs: list[Sequence], slots: int, kv_memory_gb: flo
         free = torch.cuda.mem_get_info(dev)[0] + (current.nbytes() if current is not None else 0)
         n_pages = int(free * kv_memory_fraction // page_bytes)
     else:  # what the batch needs at once, unless the pool already holds it
-        need = sorted((-(-s.positions_needed // PAGE_SIZE) for s in seqs), reverse=True)[:slots]
-        if current is not None and current.n_pages - 1 >= sum(need):
+        need = sum(pages_at_once(seqs, slots))
+        if current is not None and current.n_pages - 1 >= need:
             return None
-        n_pages = sum(need) + 1
-    check_pool_fits(n_pages, PAGE_SIZE, page_bytes, seqs, slots)
+        n_pages = need + 1
+    check_pool_fits(n_pages, page_bytes, seqs, slots)
     return None if current is not None and current.n_pages == n_pages else n_pages
 
 

@@ -28,7 +28,7 @@ from ..rng import SLOT_FINAL, sample
 from ..sampling import greedy_accept_batch, probs_device, rejection_accept_batch
 from .forward import ForwardContext, active
 from .pages import SCRATCH_PAGE, PagedKVPool
-from .step import SAMPLING_MODES, SparsePlan
+from .step import SAMPLING_MODES, SparsePlan, read_share, selection_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes a step runs (and captures graphs) at
 
@@ -118,15 +118,10 @@ class BatchEngine:
         ``count`` int32 ``[max_batch * R]``.
         """
         plan, dev, bm, c = self.plan, self.device, self.max_batch, self.n_chunks
-        rec = plan.record_layers
-        if plan.per_head:
-            hd = self.pool.kv["draft"][0][0].shape[2]
-            rows = [rec.index(i) * hd + h for i, heads in zip(plan.draft_layers, plan.head_map) for h in heads]
-            p = [x for ps in plan.top_p_head for x in ps]
-            self.scores = torch.zeros(bm, len(rec), hd, c, dtype=torch.float32, device=dev)
-        else:
-            rows, p = [rec.index(i) for i in plan.draft_layers], list(plan.top_p)
-            self.scores = torch.zeros(bm, len(rec), c, dtype=torch.float32, device=dev)
+        hd = self.pool.kv["draft"][0][0].shape[2] if plan.per_head else None
+        heads = () if hd is None else (hd,)
+        self.scores = torch.zeros(bm, len(plan.record_layers), *heads, c, dtype=torch.float32, device=dev)
+        rows, p = selection_rows(plan, hd)
         self.R = len(rows)
         self.score_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
         self.sel_p = torch.tensor(p, dtype=torch.float32, device=dev).repeat(bm)
@@ -251,10 +246,8 @@ class BatchEngine:
 
     def _accept_phase(self, b: int) -> None:
         if self.plan.sparse_layers and self.mode == "draft":  # share of the visible keys each sparse layer read
-            c = self.plan.chunk_size  # (the newest chunk's padding past the last key is not a read)
             n_keys = (self.L[:b] + self.k + 1).double()[:, None]  # the verification's key count
-            pad = torch.ceil(n_keys / c) * c - n_keys
-            self.kv_read[:b].add_((self._layer_counts(b) * c - pad) / n_keys)
+            self.kv_read[:b].add_(read_share(self._layer_counts(b), n_keys, self.plan.chunk_size))
         n, emitted = self._accept(b)
         self._emit(b, n, emitted)
 
@@ -285,10 +278,8 @@ class BatchEngine:
             self.drafted[:b, s : s + 1].copy_(self._choose(logits, s, b))
             ids = self.drafted[:b, s : s + 1]
         if self.plan.sparse_layers:  # share of the last draft forward's keys each sparse layer read
-            c = self.plan.chunk_size
             n_keys = (L + k).double()[:, None]
-            pad = torch.ceil(n_keys / c) * c - n_keys
-            self.kv_read[:b].add_(((self._layer_counts(b) * c - pad) / n_keys).clamp(max=1.0))
+            self.kv_read[:b].add_(read_share(self._layer_counts(b), n_keys, self.plan.chunk_size).clamp(max=1.0))
 
     def _self_verify(self, b: int) -> None:
         self.scores[:b].zero_()  # the dense verification adds this round's attention
@@ -346,8 +337,15 @@ class BatchEngine:
         self.clear_slot(src)
 
     def _slot_tensors(self) -> list[torch.Tensor]:
+        """A sequence's device state: one row per slot."""
         return [self.L, self.cur, self.prev, self.step_no, self.seed, self.temperature, self.top_p,
                 self.page_table, self.kv_read, self.scores]
+
+    def phase_buffers(self) -> list[torch.Tensor]:
+        """Every buffer a phase writes (what warm-up and graph capture must leave as they found them)."""
+        ts = [self.L, self.cur, self.prev, self.step_no, self.page_table, self.kv_read, self.out, self.verify_ids,
+              self.drafted, self.scores, self.idx, self.count, self.n_valid, self.recent_start]
+        return ts + ([self.q_probs] if self.q_probs is not None else [])
 
     def kv_read_sum(self, slot: int) -> list[float]:
         """Per sparse layer, the summed fraction of keys slot ``slot`` read (reads the device)."""

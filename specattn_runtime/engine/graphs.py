@@ -93,17 +93,10 @@ class BatchGraphs:
         return [r[1 : 1 + r[0]] for r in rows]
 
 
-def _state_tensors(eng: BatchEngine) -> list[torch.Tensor]:
-    """Every buffer a phase writes (what warm-up and capture must leave as they found it)."""
-    ts = [eng.L, eng.cur, eng.prev, eng.step_no, eng.page_table, eng.kv_read, eng.out, eng.verify_ids, eng.drafted,
-          eng.scores, eng.idx, eng.count, eng.n_valid, eng.recent_start]
-    return ts + ([eng.q_probs] if eng.q_probs is not None else [])
-
-
 def _snapshot(eng: BatchEngine) -> list[torch.Tensor]:
-    return [t.clone() for t in _state_tensors(eng)]
+    return [t.clone() for t in eng.phase_buffers()]
 
 
 def _restore(eng: BatchEngine, saved: list[torch.Tensor]) -> None:
-    for t, s in zip(_state_tensors(eng), saved):
+    for t, s in zip(eng.phase_buffers(), saved):
         t.copy_(s)

@@ -107,11 +107,3 @@ class PagedKVPool:
         pos = torch.arange(start, stop)
         table = torch.tensor(pages, dtype=torch.int64)
         return (table[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.device)
-
-    def gather(self, role: str, layer: int, pages: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions ``[0, n)`` of one sequence as contiguous K/V ``[1, Hkv, n, D]`` (a copy)."""
-        rows = self.slots(pages, 0, n)
-        k, v = self.kv[role][layer]
-        flat = (-1, *k.shape[2:])
-        return (k.view(flat).index_select(0, rows).transpose(0, 1)[None],
-                v.view(flat).index_select(0, rows).transpose(0, 1)[None])

@@ -18,11 +18,15 @@ PREFILL_TOKENS = 4096  # tokens per prefill forward: bounds the [piece, keys] ma
 
 
 class _PagedPrefillLayer(DynamicLayer):
-    """One layer's cache during a prefill: writes go to the pool pages, reads see the positions so far."""
+    """One layer's cache during a prefill: writes go to the pool pages, reads see the positions so far.
 
-    def __init__(self, pool: PagedKVPool, role: str, layer: int, pages: list[int], length: int):
+    ``rows`` is shared by every layer of the forward: ``(new, all)`` flat pool rows of the piece's positions and of
+    every position up to its end (the same for each layer, so computed once per piece)."""
+
+    def __init__(self, pool: PagedKVPool, role: str, layer: int, rows: dict, capacity: int):
         super().__init__()
-        self.pool, self.role, self.layer, self.pages, self.length = pool, role, layer, pages, length
+        self.pool, self.role, self.layer, self.rows, self.capacity = pool, role, layer, rows, capacity
+        self.length = 0
         self.is_initialized = True
         self.keys = self.values = None
 
@@ -30,22 +34,22 @@ class _PagedPrefillLayer(DynamicLayer):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        rows = self.pool.slots(self.pages, self.length, end)
         k_pool, v_pool = self.pool.kv[self.role][self.layer]
         flat = (-1, *k_pool.shape[2:])
+        new, everything = self.rows["new"], self.rows["all"]
         # key_states [1, Hkv, T, D] -> [T, Hkv, D] rows of the pool
-        k_pool.view(flat).index_copy_(0, rows, key_states[0].transpose(0, 1).to(k_pool.dtype))
-        v_pool.view(flat).index_copy_(0, rows, value_states[0].transpose(0, 1).to(v_pool.dtype))
-        self.length = end
-        self.keys, self.values = self.pool.gather(self.role, self.layer, self.pages, end)
+        k_pool.view(flat).index_copy_(0, new, key_states[0].transpose(0, 1).to(k_pool.dtype))
+        v_pool.view(flat).index_copy_(0, new, value_states[0].transpose(0, 1).to(v_pool.dtype))
+        self.length += key_states.shape[-2]
+        self.keys = k_pool.view(flat).index_select(0, everything).transpose(0, 1)[None]
+        self.values = v_pool.view(flat).index_select(0, everything).transpose(0, 1)[None]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.length
 
     def get_max_length(self) -> int:
-        return len(self.pages) * self.pool.page_size
+        return self.capacity
 
 
 @torch.no_grad()
@@ -57,10 +61,14 @@ def prefill_into_pool(pool: PagedKVPool, role: str, pages: list[int], ids: list[
     if len(ids) > len(pages) * pool.page_size:
         raise ValueError(f"{len(ids)} tokens do not fit {len(pages)} pages of {pool.page_size}")
     model = pool.models[role]
-    layers = [_PagedPrefillLayer(pool, role, j, pages, 0) for j in range(len(pool.kv[role]))]
+    rows: dict = {}
+    layers = [_PagedPrefillLayer(pool, role, j, rows, len(pages) * pool.page_size) for j in range(len(pool.kv[role]))]
     cache = Cache(layers=layers)
+    everything = pool.slots(pages, 0, len(ids))
     for start in range(0, len(ids), chunk_tokens):
-        block = torch.tensor([ids[start : start + chunk_tokens]], dtype=torch.long, device=pool.device)
+        stop = min(start + chunk_tokens, len(ids))
+        rows["new"], rows["all"] = everything[start:stop], everything[:stop]
+        block = torch.tensor([ids[start:stop]], dtype=torch.long, device=pool.device)
         model(block, past_key_values=cache, use_cache=True, logits_to_keep=1)
         for layer in layers:  # the gathered copies are only needed during the piece's forward
             layer.keys = layer.values = None

@@ -32,7 +32,7 @@ import torch
 
 from .forward import ForwardContext, active
 from .kv import KVStore
-from .step import DecodeEngine, SparsePlan
+from .step import DecodeEngine, SparsePlan, read_share
 
 
 def self_plan(sparse_layers, top_p, chunk_size: int = 16) -> SparsePlan:
@@ -109,9 +109,7 @@ class SelfSpecEngine(DecodeEngine):
             ids = self.drafted[s : s + 1].view(1, 1)
         if self.plan.sparse_layers:  # share of the last draft forward's keys each sparse layer read (the newest
             c = self.plan.chunk_size  # chunk's padding past the last key is not a read)
-            n_keys = (self.L + k).double()
-            pad = torch.ceil(n_keys / c) * c - n_keys
-            self.kv_read.add_(((self.count.double() * c - pad) / n_keys).clamp(max=1.0))
+            self.kv_read.add_(read_share(self.count.double(), (self.L + k).double(), c).clamp(max=1.0))
 
     def _verify(self) -> None:
         self.scores.zero_()  # the dense verification adds this round's attention

@@ -77,6 +77,29 @@ class SparsePlan:
         return tuple(sorted(set(self.draft_layers)))
 
 
+def selection_rows(plan: SparsePlan, draft_kv_heads: int | None) -> tuple[list[int], list[float]]:
+    """The score rows selection gathers and their p, one per sparse layer or per (sparse layer, target KV head),
+    layer-major: indices into the recorded rows viewed as ``[n_record (* Hkv_draft), C]``.
+
+    Per KV head (``draft_kv_heads`` given), the draft records per (mapped draft layer, draft KV head) and selection
+    gathers the (sparse layer, target KV head) rows from those: a draft layer may guide several target layers and a
+    draft head several target heads, so recording per target pair would write those rows again in each of the k
+    draft forwards (inside the attention kernel), where the gather copies each row once per step.
+    """
+    rec = plan.record_layers
+    if draft_kv_heads is None:
+        return [rec.index(i) for i in plan.draft_layers], list(plan.top_p)
+    rows = [rec.index(i) * draft_kv_heads + h for i, heads in zip(plan.draft_layers, plan.head_map) for h in heads]
+    return rows, [x for ps in plan.top_p_head for x in ps]
+
+
+def read_share(chunks: torch.Tensor, n_keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """float64: the share of ``n_keys`` visible keys that reading ``chunks`` chunks reads (the newest chunk's
+    padding past the last key is not a read)."""
+    pad = torch.ceil(n_keys / chunk_size) * chunk_size - n_keys
+    return (chunks * chunk_size - pad) / n_keys
+
+
 @dataclass
 class StepTimes:
     """Seconds per phase, summed over steps (from CUDA events on the GPU, host clock on the CPU)."""
@@ -173,19 +196,14 @@ class DecodeEngine:
         ``[R]``; ``idx`` int32 ``[R, C]`` / ``count`` int32 ``[R]``: the selection.
         """
         plan, dev = self.plan, self.device
-        rec = plan.record_layers
+        n_rec = len(plan.record_layers)
         if plan.per_head:
-            # The draft records per (mapped draft layer, draft KV head) and selection gathers the (sparse layer,
-            # target KV head) rows from those: a draft layer may guide several target layers and a draft head
-            # several target heads, so recording per target pair would write those rows again in each of the k
-            # draft forwards (inside the attention kernel), where the gather copies each row once per step.
             hd = self._draft_kv_heads()
-            rows = [rec.index(i) * hd + h for i, heads in zip(plan.draft_layers, plan.head_map) for h in heads]
-            p = [x for ps in plan.top_p_head for x in ps]
-            self.scores = torch.zeros(len(rec), hd, n_chunks, dtype=torch.float32, device=dev)
+            self.scores = torch.zeros(n_rec, hd, n_chunks, dtype=torch.float32, device=dev)
         else:
-            rows, p = [rec.index(i) for i in plan.draft_layers], list(plan.top_p)
-            self.scores = torch.zeros(len(rec), n_chunks, dtype=torch.float32, device=dev)
+            hd = None
+            self.scores = torch.zeros(n_rec, n_chunks, dtype=torch.float32, device=dev)
+        rows, p = selection_rows(plan, hd)
         n = len(rows)
         self.score_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
         self.sel_p = torch.tensor(p, dtype=torch.float32, device=dev)
@@ -315,9 +333,7 @@ class DecodeEngine:
         self._emit(n, emitted)
         if self.plan.sparse_layers:  # fraction of the visible keys each sparse layer read (the newest chunk's
             c = self.plan.chunk_size  # padding past the last key is not a read)
-            n_keys = self.verify_len.double()
-            pad = torch.ceil(n_keys / c) * c - n_keys
-            self.kv_read.add_((self._layer_counts() * c - pad) / n_keys)
+            self.kv_read.add_(read_share(self._layer_counts(), self.verify_len.double(), c))
 
     def _emit(self, n: torch.Tensor, emitted: torch.Tensor) -> None:
         self.out[:1].copy_(n + 1)
