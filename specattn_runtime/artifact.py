@@ -12,6 +12,10 @@ An artifact is a single ``.safetensors`` file (no pickle) holding
   guiding each target KV head (``-1`` on dense layers), and ``top_p_head`` float32 (same shape), the per-head p:
   one chunk selection per (sparse layer, KV head). Without them (every schema 1 artifact) selection is
   head-averaged, one set per layer, with ``top_p``;
+- optional (schema 3, mode ``draft``): ``draft_top_p`` float32 ``[n_draft_layers]``, the nucleus threshold of the
+  draft's *own* sparse reading (sparse drafting: after a step's first, dense draft forward, each draft layer with
+  p < 1 reads only the top-p chunks of that forward's attention; 1.0 = the layer drafts densely). Without it the
+  draft reads its whole cache, as every schema 1 and 2 artifact does;
 - optional ``curve.*`` tensors (calibration curves for reports),
 
 plus string metadata in the safetensors header (see ``REQUIRED_METADATA``; ``WINDOW_METADATA`` is optional).
@@ -35,8 +39,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "specattn"
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = ("1", "2")  # 1: no per-head tensors (loads as head-averaged selection)
+SCHEMA_VERSION = 3
+# 1: no per-head tensors (loads as head-averaged selection); 1 and 2: no draft_top_p (the draft reads densely)
+READABLE_SCHEMAS = ("1", "2", "3")
 CURVE_PREFIX = "curve."
 MODES = ("draft", "self")
 
@@ -89,6 +94,8 @@ class Artifact:
         Optional float32 report tensors, stored as ``curve.<name>``.
     head_map, top_p_head : torch.Tensor, optional
         int32 / float32 ``[n_target_layers, n_target_kv_heads]``: per-KV-head guidance (both or neither).
+    draft_top_p : torch.Tensor, optional
+        float32 ``[n_draft_layers]`` in ``(0, 1]``: the draft's own top-p (sparse drafting; 1.0 = dense layer).
     """
 
     layer_map: torch.Tensor
@@ -98,6 +105,7 @@ class Artifact:
     curves: dict[str, torch.Tensor] = field(default_factory=dict)
     head_map: torch.Tensor | None = None
     top_p_head: torch.Tensor | None = None
+    draft_top_p: torch.Tensor | None = None
 
     @property
     def n_target_layers(self) -> int:
@@ -111,6 +119,11 @@ class Artifact:
     def per_head(self) -> bool:
         """Whether the artifact selects one chunk set per (sparse layer, KV head)."""
         return self.head_map is not None
+
+    @property
+    def sparse_draft(self) -> bool:
+        """Whether some draft layer reads sparsely (a ``draft_top_p`` below 1)."""
+        return self.draft_top_p is not None and bool((self.draft_top_p < 1).any())
 
     @property
     def chunk_size(self) -> int:
@@ -205,6 +218,7 @@ def validate_artifact(art: Artifact, path: str | os.PathLike | None = None) -> N
                               f"over a [{n_t}, {n_t}] kl; got layer_map {lm.tolist()}, kl {tuple(kl.shape)}")
     _validate_window_metadata(md, path)
     _validate_heads(art, path)
+    _validate_draft_top_p(art, path)
     for name, t in art.curves.items():
         if t.dtype != torch.float32 or not torch.isfinite(t).all():
             raise _fail(path, f"curve {name!r} must be finite float32, got {t.dtype}")
@@ -236,7 +250,7 @@ def _validate_heads(art: Artifact, path) -> None:
     if hm is None or tp is None:
         raise _fail(path, "head_map and top_p_head come together (per-head selection); one is missing")
     if art.metadata["schema_version"] == "1" or art.metadata["mode"] != "draft":
-        raise _fail(path, "per-head tensors need schema_version 2 and mode 'draft'")
+        raise _fail(path, "per-head tensors need schema_version 2 or later and mode 'draft'")
     n_t = art.n_target_layers
     if hm.dtype != torch.int32 or hm.ndim != 2 or hm.shape[0] != n_t or hm.shape[1] == 0:
         raise _fail(path, f"head_map must be int32 [{n_t}, n_kv_heads], got {hm.dtype} {tuple(hm.shape)}")
@@ -248,6 +262,19 @@ def _validate_heads(art: Artifact, path) -> None:
         raise _fail(path, "head_map must be -1 on exactly the dense layers' rows and a draft KV head (>= 0) elsewhere")
     if not torch.isfinite(tp).all() or ((tp <= 0) | (tp > 1)).any() or (tp[dense] != 1.0).any():
         raise _fail(path, "top_p_head values must lie in (0, 1], and be 1.0 on dense layers")
+
+
+def _validate_draft_top_p(art: Artifact, path) -> None:
+    dp = art.draft_top_p
+    if dp is None:
+        return
+    if art.metadata["schema_version"] in ("1", "2") or art.metadata["mode"] != "draft":
+        raise _fail(path, "draft_top_p (sparse drafting) needs schema_version 3 or later and mode 'draft'")
+    if dp.dtype != torch.float32 or tuple(dp.shape) != (art.n_draft_layers,):
+        raise _fail(path, f"draft_top_p must be float32 [{art.n_draft_layers}] (one p per draft layer, like kl's "
+                          f"columns), got {dp.dtype} {tuple(dp.shape)}")
+    if not torch.isfinite(dp).all() or ((dp <= 0) | (dp > 1)).any():
+        raise _fail(path, f"draft_top_p values must lie in (0, 1], got {dp.tolist()}")
 
 
 _TEMP_PID = re.compile(r"^\..+\.pid(\d+)\.[^/]*tmp$")
@@ -294,6 +321,8 @@ def save_artifact(art: Artifact, path: str | os.PathLike) -> Path:
     tensors = {"layer_map": art.layer_map.contiguous(), "top_p": art.top_p.contiguous(), "kl": art.kl.contiguous()}
     if art.per_head:
         tensors.update(head_map=art.head_map.contiguous(), top_p_head=art.top_p_head.contiguous())
+    if art.draft_top_p is not None:
+        tensors["draft_top_p"] = art.draft_top_p.contiguous()
     tensors.update({CURVE_PREFIX + k: v.contiguous() for k, v in art.curves.items()})
     clean_stale_temps(path.parent)  # what a killed writer left behind
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
@@ -371,7 +400,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         raise _fail(path, f"cannot be read as safetensors ({e}); the file is corrupt") from None
     curves = {k[len(CURVE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CURVE_PREFIX)}
     art = Artifact(tensors["layer_map"], tensors["top_p"], tensors["kl"], metadata, curves,
-                   tensors.get("head_map"), tensors.get("top_p_head"))
+                   tensors.get("head_map"), tensors.get("top_p_head"), tensors.get("draft_top_p"))
     validate_artifact(art, path)
     return art
 

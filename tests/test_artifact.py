@@ -45,11 +45,30 @@ def _replace(art, **kw):
     (lambda a: _replace(a, metadata={**a.metadata, "chunk_size": "0"}), "chunk_size"),
     (lambda a: _replace(a, metadata={**a.metadata, "mode": "turbo"}), "mode"),
     (lambda a: _replace(a, metadata={**a.metadata, "objective": "{not json"}), "not valid JSON"),
+    (lambda a: _replace(a, draft_top_p=torch.full((a.n_draft_layers,), 1.2)), "draft_top_p values"),
+    (lambda a: _replace(a, draft_top_p=torch.full((a.n_draft_layers,), float("nan"))), "draft_top_p values"),
+    (lambda a: _replace(a, draft_top_p=torch.ones(a.n_draft_layers + 1)), r"draft_top_p must be float32 \["),
+    (lambda a: _replace(a, draft_top_p=torch.ones(a.n_draft_layers, dtype=torch.float64)), "draft_top_p must be"),
+    (lambda a: _replace(a, draft_top_p=torch.ones(a.n_draft_layers), metadata={**a.metadata, "schema_version": "2"}),
+     "schema_version 3"),
 ])
 def test_invalid_artifacts_are_refused_on_write(tmp_path, mutate, match):
     with pytest.raises(ArtifactError, match=match):
         save_artifact(mutate(make_artifact()), tmp_path / "bad.safetensors")
     assert list(tmp_path.iterdir()) == [], "a refused artifact must leave nothing behind"
+
+
+def test_draft_top_p_round_trip_and_older_schemas(tmp_path):
+    art = make_artifact()
+    dp = torch.linspace(0.5, 1.0, art.n_draft_layers)
+    back = load_artifact(save_artifact(_replace(art, draft_top_p=dp), tmp_path / "sparse_draft.safetensors"))
+    assert torch.equal(back.draft_top_p, dp) and back.sparse_draft
+    for schema in ("1", "2"):  # older artifacts load and draft densely
+        old = load_artifact(save_artifact(_replace(art, metadata={**art.metadata, "schema_version": schema}),
+                                          tmp_path / f"v{schema}.safetensors"))
+        assert old.draft_top_p is None and not old.sparse_draft
+    dense = _replace(art, draft_top_p=torch.ones(art.n_draft_layers))
+    assert not load_artifact(save_artifact(dense, tmp_path / "dense_draft.safetensors")).sparse_draft
 
 
 def test_corrupt_files_give_clear_errors(tmp_path):
