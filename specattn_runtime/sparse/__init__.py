@@ -29,22 +29,23 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
     each backend converts only when its own form differs (the Triton path from kernel indices converts nothing).
     With ``page_table`` / ``kv_lens``, ``k`` / ``v`` are page pools (see
     :func:`sparse_attention_paged_reference`); the torch and Triton backends take them. A ``variant`` other than
-    plain causal attention (sliding window, soft-capping, sinks) is implemented by the contiguous torch backend
-    only; the others refuse it.
+    plain causal attention (sliding window, soft-capping, sinks) is implemented by the torch and Triton backends
+    (contiguous or paged); FlashInfer's wrapper refuses it.
     """
     per_head = (selection[0] if isinstance(selection, tuple) else selection).ndim == 3
     if per_head and (backend == "flashinfer" or page_table is not None):
         raise ValueError(f"a selection per KV head ([B, Hkv, C]) needs backend 'torch' or 'triton' over a "
                          f"contiguous cache (got backend {backend!r}{', paged' if page_table is not None else ''})")
-    if not variant.plain and (backend != "torch" or page_table is not None):
-        raise ValueError(f"sliding windows, soft-capping and attention sinks need backend 'torch' over a contiguous "
-                         f"cache; got backend {backend!r}{' with a paged cache' if page_table is not None else ''}")
+    if not variant.plain and backend == "flashinfer":
+        raise ValueError("sliding windows, soft-capping and attention sinks need backend 'torch' or 'triton'; "
+                         "FlashInfer's block-sparse wrapper implements plain causal attention only")
     if backend == "triton":
         from .triton_attn import mask_to_indices, sparse_attention_triton
 
         idx, count = selection if isinstance(selection, tuple) else mask_to_indices(selection)
         return sparse_attention_triton(q, k, v, idx, count, chunk_size=chunk_size, scale=scale,
-                                       page_table=page_table, kv_lens=kv_lens)
+                                       page_table=page_table, kv_lens=kv_lens, window=variant.window,
+                                       softcap=variant.softcap, sinks=variant.sinks)
     chunk_mask = selection
     paged = page_table is not None
     if isinstance(selection, tuple):
@@ -53,7 +54,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
         n_keys = page_table.shape[1] * k.shape[1] if paged else k.shape[2]
         chunk_mask = indices_to_mask(*selection, n_chunks=-(-n_keys // chunk_size))
     if backend == "torch" and paged:
-        return sparse_attention_paged_reference(q, k, v, page_table, kv_lens, chunk_mask, chunk_size, scale)
+        return sparse_attention_paged_reference(q, k, v, page_table, kv_lens, chunk_mask, chunk_size, scale,
+                                                variant)
     if backend == "torch":
         return sparse_attention_reference(q, k, v, chunk_mask, chunk_size, scale, variant)
     if paged:

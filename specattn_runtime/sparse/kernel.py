@@ -22,6 +22,12 @@ logit and its sum of exponentials relative to that max (log2 domain). Once the r
 attention, computed without a probability matrix and without a second pass over the keys.
 ``_pool_record_kernel`` sums those masses into score rows: one per sequence (head-averaged) or one per KV head
 (its group of query heads averaged: per-KV-head selection).
+
+Attention variants, each a constexpr switch (off: the code compiled before they existed, no extra work):
+``WINDOW`` (sliding window: key ``s`` visible to query ``t`` iff ``t - window < s <= t``; keys older than every
+row's window are never loaded, and the dense path starts at the window's first chunk), ``SOFTCAP``
+(``softcap * tanh(logit / softcap)`` on the scaled logit, before the mask) and, in ``_combine_kernel``, ``SINKS``
+(a per-query-head logit in the softmax denominator only). Recording sees the logits the output used.
 """
 
 import triton
@@ -29,9 +35,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 of a non-positive argument (no overflow; core Triton has no tanh on every version we run:
+    3.6 on the GPU machine, 3.9 in CI). Absolute error ~1e-7: a soft-capped logit moves by ~softcap * 1e-7."""
+    e = tl.exp2(tl.abs(x) * -2.8853900817779268)  # e^(-2|x|); 2 / ln(2)
+    th = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -th, th)
+
+
+@triton.jit
 def _sparse_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, o_part_ptr, m_part_ptr, l_part_ptr,
-    table_ptr, len_ptr, rec_m_ptr, rec_l_ptr, sm_scale, n_keys, stride_tb,
+    table_ptr, len_ptr, rec_m_ptr, rec_l_ptr, sm_scale, n_keys, window, softcap, stride_tb,
     stride_rb, stride_rh, stride_rm,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -41,6 +56,7 @@ def _sparse_attn_split_kernel(
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr, CHUNKS_PER_ITER: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     RAGGED: tl.constexpr, DENSE: tl.constexpr, RECORD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -60,11 +76,19 @@ def _sparse_attn_split_kernel(
     # absolute position of each row's query; clamped at 0 for the engine's first draft forward after a one-token
     # prompt, whose two rows are the same token at position 0 (they must see the same key)
     q_pos = tl.maximum(n_keys - Q_LEN + t, 0)
+    # WINDOW: key s is visible to query t iff t - window < s <= t. ``lo`` is the oldest key any row of this program
+    # can see (the first query's window start): keys below it are never loaded (masked loads read no bytes), and
+    # the dense path starts at its chunk, so whole chunks outside the window are not even visited.
+    if WINDOW:
+        lo = tl.maximum(tl.maximum(n_keys - Q_LEN, 0) - window + 1, 0)
+        first = lo // CHUNK  # dense path: the first chunk holding a visible key
+    else:
+        first = 0
 
     # Groups of CHUNKS_PER_ITER selected chunks are dealt round-robin to the splits: every split gets its share
     # of however many chunks were selected, with no host sync to learn the count.
     if DENSE:
-        count = tl.cdiv(n_keys, CHUNK)
+        count = tl.cdiv(n_keys, CHUNK) - first if WINDOW else tl.cdiv(n_keys, CHUNK)
     else:
         count = tl.load(count_ptr + b * stride_cb + kvh * stride_ch)
     n_groups = tl.cdiv(count, CHUNKS_PER_ITER)
@@ -79,11 +103,13 @@ def _sparse_attn_split_kernel(
         slot = grp * CHUNKS_PER_ITER + offs_n // CHUNK
         slot_ok = slot < count
         if DENSE:
-            chunk = slot
+            chunk = first + slot if WINDOW else slot
         else:
             chunk = tl.load(idx_ptr + b * stride_ib + kvh * stride_ih + slot, mask=slot_ok, other=0)
         key_pos = chunk * CHUNK + offs_n % CHUNK
         key_ok = slot_ok & (key_pos < n_keys)
+        if WINDOW:  # a selected chunk older than every row's window: its keys are not loaded
+            key_ok = key_ok & (key_pos >= lo)
         if PAGED:  # stride_kb / stride_vb step over pages; rows of a page are positions
             page = tl.load(table_ptr + b * stride_tb + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
             k_row = (page * stride_kb)[:, None] + (key_pos % PAGE)[:, None] * stride_kt
@@ -93,8 +119,14 @@ def _sparse_attn_split_kernel(
             v_row = b * stride_vb + key_pos[:, None] * stride_vt
         k = tl.load(k_ptr + k_row + kvh * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(v_ptr + v_row + kvh * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        if SOFTCAP:  # softcap * tanh(logit / softcap), on the scaled logit (natural domain), then to log2
+            s = _tanh(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (sm_scale / softcap))
+            s = s * (softcap * 1.4426950408889634)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         visible = key_ok[None, :] & (key_pos[None, :] <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (key_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         if RECORD:  # per chunk of this tile: max logit and sum of 2^(s - max), for rows and chunks actually read
             s3 = tl.reshape(s, (BLOCK_M, CHUNKS_PER_ITER, CHUNK))
@@ -104,7 +136,7 @@ def _sparse_attn_split_kernel(
             cslot = grp * CHUNKS_PER_ITER + tl.arange(0, CHUNKS_PER_ITER)
             cok = cslot < count
             if DENSE:
-                cid = cslot
+                cid = first + cslot if WINDOW else cslot
             else:
                 cid = tl.load(idx_ptr + b * stride_ib + kvh * stride_ih + cslot, mask=cok, other=0)
             r_ptrs = b * stride_rb + kvh * stride_rh + offs_m[:, None] * stride_rm + cid[None, :]
@@ -129,29 +161,41 @@ def _sparse_attn_split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, n_splits, n_kv_heads,
+    o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, lse_ptr, sinks_ptr, n_splits, n_kv_heads,
     stride_ob, stride_oh, stride_os, stride_om,
     stride_outb, stride_outh, stride_outt,
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPLITS_POW2: tl.constexpr, BLOCK_S: tl.constexpr, RECORD: tl.constexpr,
+    SPLITS_POW2: tl.constexpr, BLOCK_S: tl.constexpr, RECORD: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Merge split partials of one query row: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; with
     ``RECORD`` also the row's log2-sum-exp2 ``M + log2(L)`` into ``lse_ptr`` ``[B, Hkv, GROUP * Q_LEN]``.
 
     One program per (KV head, row, sequence), the splits read as vectors: a program looping over dozens of
-    splits one at a time (GQA decodes use ~2 * SMs / Hkv of them) cost more than the attention itself."""
+    splits one at a time (GQA decodes use ~2 * SMs / Hkv of them) cost more than the attention itself.
+
+    ``SINKS``: the row's query head has a sink logit ``sinks[head]`` (natural domain, not scaled or capped) that
+    joins the denominator only: ``L += 2^(sink - M)`` with ``M`` the max over the splits and the sink. The
+    recorded ``lse`` includes it, so recorded chunk masses are the probabilities the output used, and the sink's
+    own mass is attributed to no chunk (a row then sums to ``1 - p_sink``, as transformers' probabilities do)."""
     kvh = tl.program_id(0)
     row = tl.program_id(1)
     b = tl.program_id(2)
+    g = row // Q_LEN
+    t = row % Q_LEN
     offs_s = tl.arange(0, SPLITS_POW2)
     s_ok = offs_s < n_splits
     ml = ((b * n_kv_heads + kvh) * n_splits + offs_s) * BLOCK_M + row
     m = tl.load(m_part_ptr + ml, mask=s_ok, other=float("-inf"))
     l_s = tl.load(l_part_ptr + ml, mask=s_ok, other=0.0)
     m_tot = tl.max(m, axis=0)
+    if SINKS:
+        sink = tl.load(sinks_ptr + kvh * GROUP + g).to(tl.float32) * 1.4426950408889634  # log2 domain
+        m_tot = tl.maximum(m_tot, sink)
     m_safe = tl.where(m_tot == float("-inf"), 0.0, m_tot)
     w = tl.exp2(m - m_safe)  # splits that saw nothing: m = -inf, w = 0
     l_tot = tl.sum(w * l_s, axis=0)
+    if SINKS:
+        l_tot += tl.exp2(sink - m_safe)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_b = tl.arange(0, BLOCK_S)
     acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
@@ -164,8 +208,6 @@ def _combine_kernel(
         o = tl.load(base + sb[:, None] * stride_os + offs_d[None, :], mask=sb_ok[:, None], other=0.0)
         acc += tl.sum(tl.exp2(m_b - m_safe)[:, None] * o, axis=0)
     out = acc / tl.where(l_tot > 0, l_tot, 1.0)
-    g = row // Q_LEN
-    t = row % Q_LEN
     tl.store(out_ptr + b * stride_outb + (kvh * GROUP + g) * stride_outh + t * stride_outt + offs_d,
              out.to(out_ptr.dtype.element_ty))
     if RECORD:

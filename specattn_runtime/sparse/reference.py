@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..variants import PLAIN, Variant, visible
+from ..variants import PLAIN, Variant, softcapped, softmax_with_sinks, visible
 
 
 def key_mask_from_chunks(chunk_mask: torch.Tensor, n_keys: int, chunk_size: int) -> torch.Tensor:
@@ -68,18 +68,19 @@ def gather_pages(pool: torch.Tensor, pages: torch.Tensor, n_keys: int) -> torch.
 
 def sparse_attention_paged_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                      page_table: torch.Tensor, kv_lens: torch.Tensor, chunk_mask: torch.Tensor,
-                                     chunk_size: int, scale: float | None = None) -> torch.Tensor:
+                                     chunk_size: int, scale: float | None = None,
+                                     variant: Variant = PLAIN) -> torch.Tensor:
     """:func:`sparse_attention_reference` over a paged cache with ragged sequences (one sequence at a time).
 
     ``k_pool`` / ``v_pool`` ``[n_pages, page_size, Hkv, D]``, ``page_table`` int ``[B, max_pages]``, ``kv_lens``
-    int ``[B]``; ``chunk_mask`` bool ``[B, C]`` with ``C`` covering the longest sequence.
+    int ``[B]``; ``chunk_mask`` bool ``[B, C]`` with ``C`` covering the longest sequence; ``variant`` as there.
     """
     outs = []
     for b, n in enumerate(kv_lens.tolist()):
         k = gather_pages(k_pool, page_table[b], n)
         v = gather_pages(v_pool, page_table[b], n)
         outs.append(sparse_attention_reference(q[b : b + 1], k, v, chunk_mask[b : b + 1, : -(-n // chunk_size)],
-                                               chunk_size, scale))
+                                               chunk_size, scale, variant))
     return torch.cat(outs)
 
 
@@ -87,7 +88,9 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
                                      chunk_mask: torch.Tensor | None = None, *, chunk_size: int,
                                      scale: float | None = None, record: torch.Tensor | None = None,
                                      record_weight: float | None = None,
-                                     record_last_query: bool = False) -> torch.Tensor:
+                                     record_last_query: bool = False, window: int | None = None,
+                                     softcap: float | None = None, sinks: torch.Tensor | None = None
+                                     ) -> torch.Tensor:
     """Causal attention over a preallocated cache whose valid length lives in a tensor (the decode engine's form).
 
     Static shapes, no host read of the lengths: what the engine's torch backend runs, and the reference for the
@@ -108,7 +111,12 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         float32 ``[B, >= ceil(cap / chunk_size)]``: ``record_weight`` (default ``1 / H``) times the attention mass
         of each chunk, summed over heads and queries (the last query only with ``record_last_query``), is added;
         float32 ``[B, Hkv, >= ceil(cap / chunk_size)]``: per KV head, summed over its group's query heads (default
-        weight ``Hkv / H``: the group's mean).
+        weight ``Hkv / H``: the group's mean). The mass is the probability the output used; with ``sinks`` the
+        sink's own share goes to no chunk.
+    window, softcap, sinks
+        The layer's variant (:mod:`specattn_runtime.variants`): keys at or before ``position - window`` are not
+        visible (a selection is intersected with the window); ``softcap * tanh(logit / softcap)``; one logit per
+        query head, float ``[H]``, joining the softmax denominator only.
     """
     b, h, tq, d = q.shape
     hkv, cap = k.shape[1], k.shape[2]
@@ -116,18 +124,22 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     key_pos = torch.arange(cap, device=q.device)
     q_pos = (kv_lens.to(q.device).long()[:, None] - tq + torch.arange(tq, device=q.device)).clamp_min(0)  # [B, Tq]
     allowed = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, Tq, cap]: causal, hence < kv_lens
+    if window is not None:
+        allowed = allowed & (key_pos[None, None, :] > q_pos[:, :, None] - window)[:, None]
     if chunk_mask is not None:
         n_chunks = -(-cap // chunk_size)
         keys = key_mask_from_chunks(chunk_mask[..., :n_chunks], cap, chunk_size)  # [B, cap] or [B, Hkv, cap]
         # per KV head: a group's query heads are consecutive (head i reads KV head i // (H / Hkv))
         keys = keys.repeat_interleave(h // hkv, dim=1) if keys.ndim == 3 else keys[:, None]  # [B, 1 or H, cap]
         allowed = allowed & keys[:, :, None, :]  # [B, 1 or H, Tq, cap]
-    if record is None:
+    if record is None and softcap is None and sinks is None:  # SDPA has neither soft-capping nor sinks
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=h != hkv)
     qg = q.reshape(b, hkv, (h // hkv) * tq, d)  # GQA: a KV group's query heads are consecutive
-    logits = torch.matmul(qg, k.transpose(2, 3)).view(b, h, tq, cap) * scale
+    logits = softcapped(torch.matmul(qg, k.transpose(2, 3)).view(b, h, tq, cap) * scale, softcap)
     logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    probs = softmax_with_sinks(logits, sinks)
+    if record is None:
+        return torch.matmul(probs.to(q.dtype).view(b, hkv, (h // hkv) * tq, cap), v).view(b, h, tq, v.shape[-1])
     out = torch.matmul(probs.to(q.dtype).view(b, hkv, (h // hkv) * tq, cap), v).view(b, h, tq, v.shape[-1])
     outputs = hkv if record.ndim == 3 else 1  # score rows: one per KV head, or one for all heads
     mass = (probs[:, :, -1:] if record_last_query else probs).reshape(b, outputs, -1, cap)

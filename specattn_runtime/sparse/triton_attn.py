@@ -19,7 +19,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                             num_splits: int | None = None, out: torch.Tensor | None = None,
                             page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                             record: torch.Tensor | None = None, record_weight: float | None = None,
-                            record_last_query: bool = False,
+                            record_last_query: bool = False, window: int | None = None,
+                            softcap: float | None = None, sinks: torch.Tensor | None = None,
                             chunks_per_iter: int = CHUNKS_PER_ITER, num_warps: int = 4, num_stages: int = 2
                             ) -> torch.Tensor:
     """Block-sparse causal attention of ``q`` (the newest ``Tq`` positions) over the chunks ``idx[b, :count[b]]``.
@@ -49,6 +50,15 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         chunk_size)]``: one row per KV head, summed over its group's query heads and the queries (``record_weight``
         default ``Hkv / H``: the group's mean), for per-KV-head selection. ``record_last_query``: the last
         query's rows only (a forward that also rewrites the previous position records the new token's row).
+        The masses are the probabilities the output used (window, soft-cap and sinks included); a sink's own
+        probability belongs to no chunk, so with ``sinks`` a query's masses sum to less than 1.
+    window : int, optional
+        Sliding window: key ``s`` is visible to the query at position ``t`` iff ``t - window < s <= t``. A selection
+        is intersected with it: keys older than the first query's window are never loaded.
+    softcap : float, optional
+        Logit soft-capping: ``softcap * tanh(scale * q.k / softcap)`` before the mask and the softmax.
+    sinks : torch.Tensor, optional
+        float ``[H]``: one logit per query head that joins the softmax denominator only (GPT-OSS's ``s_aux``).
     chunks_per_iter, num_warps, num_stages : int
         Launch settings (chunks gathered per key tile, warps, software-pipelining depth): the speed, never the
         result (``bench/kernels.py --sections decode`` sweeps them).
@@ -88,6 +98,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         raise ValueError(f"a selection per KV head needs idx [B={b}, Hkv={hkv}, C] and count [{b}, {hkv}], got "
                          f"{tuple(idx.shape)} and {tuple(count.shape)}")
     cap = -(-tk // chunk_size) if dense else idx.shape[-1]
+    window, softcap, sinks = _check_variant(window, softcap, sinks, h, q.device)
+    if window is not None and dense:  # the chunks a windowed dense pass can visit: split over those, not the cache
+        cap = min(cap, -(-(window + tq - 1) // chunk_size) + 1)
     if num_splits is None:
         n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = max(1, min(-(-2 * n_sm // (b * hkv)), -(-cap // chunks_per_iter)))
@@ -100,8 +113,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if record is not None:
         n_chunks = -(-tk // chunk_size)
         _check_record(record, b, hkv, n_chunks)
-        # dense attention visits (and writes) every chunk up to the length; a selection leaves the others unread
-        new = torch.empty if dense else torch.zeros
+        # dense attention visits (and writes) every chunk up to the length; a selection, or a window (its dense
+        # pass starts at the window's first chunk), leaves the others unwritten: they must read as zero mass
+        new = torch.empty if dense and window is None else torch.zeros
         rec_m = new(b, hkv, rows, n_chunks, dtype=torch.float32, device=q.device)
         rec_l = new(b, hkv, rows, n_chunks, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, hkv, rows, dtype=torch.float32, device=q.device)
@@ -118,7 +132,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     table = page_table if paged else any_int
     _sparse_attn_split_kernel[(hkv, num_splits, b)](
         q, k, v, any_int if dense else idx, any_int if dense else count, o_part, m_part, l_part, table,
-        kv_lens if ragged else any_int, rec_m, rec_l, sm_scale, tk,
+        kv_lens if ragged else any_int, rec_m, rec_l, sm_scale, tk, window or 0, softcap or 1.0,
         table.stride(0), rec_m.stride(0) if record is not None else 0, rec_m.stride(1) if record is not None else 0,
         rec_m.stride(2) if record is not None else 0,
         q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, 0 if dense else idx.stride(0),
@@ -127,14 +141,15 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, CHUNK=chunk_size, CHUNKS_PER_ITER=chunks_per_iter,
         PAGED=paged, PAGE=page_size, RAGGED=ragged, DENSE=dense, RECORD=record is not None,
         # float32 models get float32 products (not TF32): the engine must reproduce transformers' logits
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WINDOW=window is not None,
+        SOFTCAP=softcap is not None, num_warps=num_warps, num_stages=num_stages,
     )
     _combine_kernel[(hkv, rows, b)](
-        o_part, m_part, l_part, out, lse, num_splits, hkv,
+        o_part, m_part, l_part, out, lse, sinks if sinks is not None else m_part, num_splits, hkv,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         Q_LEN=tq, GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, SPLITS_POW2=triton.next_power_of_2(num_splits),
-        BLOCK_S=16, RECORD=record is not None, num_warps=2,
+        BLOCK_S=16, RECORD=record is not None, SINKS=sinks is not None, num_warps=2,
     )
     if record is not None:
         lens = kv_lens if ragged else torch.full((b,), tk, dtype=torch.int32, device=q.device)
@@ -149,6 +164,22 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
             LAST_ONLY=bool(record_last_query), num_warps=4,
         )
     return out
+
+
+def _check_variant(window, softcap, sinks, h: int, device: torch.device):
+    """``(window, softcap, sinks)`` validated: window an int >= 1, softcap a float > 0, sinks ``[H]`` on the
+    queries' device (any float dtype: the kernel reads it as float32, so a model's parameter goes in as is)."""
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive int (keys visible within it), got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (None for no soft-capping), got {softcap!r}")
+    if sinks is not None:
+        if sinks.shape != (h,):
+            raise ValueError(f"sinks must be one logit per query head, [H={h}], got {tuple(sinks.shape)}")
+        if sinks.device != device or not sinks.is_floating_point():
+            raise ValueError(f"sinks must be a float tensor on {device}, got {sinks.dtype} on {sinks.device}")
+        sinks = sinks.contiguous()
+    return (None if window is None else int(window)), (None if softcap is None else float(softcap)), sinks
 
 
 def _check_record(record: torch.Tensor, b: int, hkv: int, n_chunks: int) -> None:
