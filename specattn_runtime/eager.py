@@ -38,19 +38,52 @@ def select(rt, rows: dict[int, list[torch.Tensor]], n_keys: int, n_verify: int):
         s = torch.cat([scores[rt.layer_map[j]][0, rt.head_map[j]] for j in rt.sparse_layers])  # [n_sparse * Hkv, C]
     else:
         s = torch.cat([scores[rt.layer_map[j]] for j in rt.sparse_layers])  # [n_sparse, C]
-    p = rt._sparse_p.to(s.device)
     recent = c - (n_keys - n_verify) // rt.chunk_size  # every verified position's chunk stays
-    if rt.selection == "triton" and not rt.per_head:
+    sel = _top_p(rt, s, rt._sparse_p, recent, rt.per_head)
+    if isinstance(sel, tuple):
+        return {j: (sel[0][r : r + 1], sel[1][r : r + 1]) for r, j in enumerate(rt.sparse_layers)}, sel[1]
+    if rt.per_head:  # [1, Hkv, C] per layer; a layer's count is the mean over its KV heads
+        mask = sel.view(len(rt.sparse_layers), -1, c)
+        return {j: mask[r : r + 1] for r, j in enumerate(rt.sparse_layers)}, mask.sum(-1).double().mean(-1)
+    return {j: sel[r : r + 1] for r, j in enumerate(rt.sparse_layers)}, sel.sum(-1)
+
+
+def _top_p(rt, scores: torch.Tensor, p: torch.Tensor, keep_recent: int, per_head: bool):
+    """Top-p over score rows ``[R, C]`` (each row's own p), the sink and the last ``keep_recent`` chunks kept:
+    the Triton kernel's ``(idx, count)`` (per-layer rows with ``selection="triton"``) or a bool mask ``[R, C]``."""
+    p = p.to(scores.device)
+    if rt.selection == "triton" and not per_head:
         from .selection.triton_select import topp_select_triton
 
-        n_valid = torch.full((s.shape[0],), c, dtype=torch.int32, device=s.device)
-        idx, count = topp_select_triton(s, p, n_valid, keep_recent=recent)
-        return {j: (idx[r : r + 1], count[r : r + 1]) for r, j in enumerate(rt.sparse_layers)}, count
-    mask = select_chunks(s, p, method=rt.selection, keep_recent=recent)
-    if rt.per_head:  # [1, Hkv, C] per layer; a layer's count is the mean over its KV heads
-        mask = mask.view(len(rt.sparse_layers), -1, c)
-        return {j: mask[r : r + 1] for r, j in enumerate(rt.sparse_layers)}, mask.sum(-1).double().mean(-1)
-    return {j: mask[r : r + 1] for r, j in enumerate(rt.sparse_layers)}, mask.sum(-1)
+        n_valid = torch.full((scores.shape[0],), scores.shape[-1], dtype=torch.int32, device=scores.device)
+        return topp_select_triton(scores, p, n_valid, keep_recent=keep_recent)
+    return select_chunks(scores, p, method=rt.selection, keep_recent=keep_recent)
+
+
+def draft_select(rt, rows: dict[int, list[torch.Tensor]], n_cached: int, k: int) -> dict[int, torch.Tensor]:
+    """Sparse drafting: the chunks each sparse-drafting draft layer reads in the step's forwards after the first,
+    from that first (dense) forward's rows, ``n_cached`` positions cached before the step (``L``).
+
+    Candidates are the chunks the last draft (at ``L + k - 1``) sees; the sink and every chunk from the one
+    holding ``L - 1`` on (the keys this step writes) are kept. Returns ``{draft layer: bool [1, C] or [1, Hkv,
+    C]}`` (per KV head with a per-head artifact), the decode engine's ``_draft_select`` in host form.
+    """
+    cs = rt.chunk_size
+    c = -(-(n_cached + k) // cs)
+    layers = rt.draft_sparse_layers
+    first = [rows[i][0] for i in layers]  # [1, C0] or [1, Hkv, C0]: the first forward's last query
+    s = torch.zeros(len(layers), *first[0].shape[1:-1], c, device=first[0].device)
+    for r, row in enumerate(first):
+        s[r, ..., : row.shape[-1]] = row[0]
+    hkv = s.shape[1] if rt.per_head else 1
+    keep = c - max(n_cached - 1, 0) // cs
+    sel = _top_p(rt, s.view(-1, c), rt._draft_p.repeat_interleave(hkv), keep, rt.per_head)
+    if isinstance(sel, tuple):
+        from .selection.triton_select import indices_to_mask
+
+        sel = indices_to_mask(*sel, n_chunks=c)
+    sel = sel.view(len(layers), -1, c) if rt.per_head else sel.view(len(layers), 1, c)[:, 0]
+    return {i: sel[r : r + 1] for r, i in enumerate(layers)}
 
 
 def _read_fractions(rt, masks: dict, counts: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -98,6 +131,7 @@ def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature:
     ids_t = torch.tensor([ids], dtype=torch.long, device=dev)
     stats = GenerationStats(engine="eager", accepted_hist=[0] * (k + 1))
     kv_read = torch.zeros(len(rt.sparse_layers), dtype=torch.float64, device=dev)  # summed on device: no sync
+    draft_read = torch.zeros(len(rt.draft_sparse_layers), dtype=torch.float64, device=dev)
     t_start = time.perf_counter()
 
     capacity = n + max_new_tokens + k + 1  # written in place: no per-step copy of the whole cache
@@ -127,26 +161,43 @@ def generate_eager(rt, ids: list[int], max_new_tokens: int, k: int, temperature:
             stats.steps += 1
             stats.accepted_hist[0] += 1
         else:
-            new = _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read)
+            new = _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read,
+                                    draft_read)
             # the token now at the last cached position: the last accepted draft, or the step's first token
             prev = int(cur) if len(new) == 1 else new[-2]
             n += len(new)
             cur = torch.tensor([[new[-1]]], device=dev)
         sink.add(new)
     stats.kv_read_sum = kv_read_sums(len(rt.layer_map), stats.steps, rt.sparse_layers if k else [], kv_read.tolist())
+    if k:
+        stats.draft_kv_read_sum = kv_read_sums(rt.draft.config.num_hidden_layers, stats.steps,
+                                               rt.draft_sparse_layers if k > 1 else [], draft_read.tolist())
     stats.new_tokens = len(sink.tokens)
     stats.time_total = time.perf_counter() - t_start
     return GenerationOutput(sink.tokens, stats, sink.finish_reason)
 
 
-def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read) -> list[int]:
+def _draft_read_fractions(rt, masks: dict, n_keys: int) -> torch.Tensor:
+    """Per sparse-drafting layer, the share of the ``n_keys`` keys the last draft sees that its selection reads
+    (mean over KV heads; the newest chunk's padding is not a read)."""
+    from .engine.step import read_share
+
+    counts = torch.stack([masks[i].sum(-1).double().mean() for i in rt.draft_sparse_layers])
+    return read_share(counts, torch.tensor(float(n_keys), dtype=torch.float64), rt.chunk_size).clamp(max=1.0)
+
+
+def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step, stats, kv_read,
+                      draft_read) -> list[int]:
     """Draft, select, verify, accept; rolls both caches back. Returns the emitted tokens. ``n``: the prompt so
     far (cached positions + the last emitted token, ``cur``); ``prev``: the token at position ``n - 2``."""
     # 1. draft k tokens in k forwards. The first also (re)computes the draft's position n - 2: after a step that
     # accepted every draft, the last drafted token is accepted but was never fed to the draft (gpt-fast runs an
     # extra forward in that case; one shape for every step is what a captured graph needs)
     t0 = time.perf_counter()
-    dstate = hooks.StepState("draft", rt.chunk_size, record_layers=rt.record_layers, per_kv_head=rt.per_head)
+    # the first forward also records the sparse-drafting layers (their selection for the later forwards)
+    sparse_draft = k > 1 and bool(rt.draft_sparse_layers)
+    dstate = hooks.StepState("draft", rt.chunk_size, record_layers=rt.record_layers | set(rt.draft_sparse_layers),
+                             per_kv_head=rt.per_head, backend=rt.backend)
     drafted, q_probs = [], []
     if prev is None:  # one-token prompt: nothing cached before cur
         tok = cur
@@ -160,6 +211,10 @@ def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step,
             q_probs.append(q)
         drafted.append(nxt)
         tok = nxt.view(1, 1)
+        if s == 0 and sparse_draft:  # the later forwards read the chunks the first one's attention selects
+            dstate.chunk_masks = draft_select(rt, dstate.rows, n - 1, k)
+            dstate.record_layers = rt.record_layers
+            draft_read += _draft_read_fractions(rt, dstate.chunk_masks, n - 1 + k)
     drafted_t = torch.cat(drafted)  # [k]
     rt._sync()
     t1 = time.perf_counter()

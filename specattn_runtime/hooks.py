@@ -6,6 +6,7 @@ call (prefill, plain decoding) it is transformers' SDPA attention. During specul
 
 - draft forwards (``mode="draft"``): layers in ``record_layers`` compute softmax attention explicitly and append
   their head-averaged (``per_kv_head``: per KV head), chunk-pooled row for the new query to ``rows[layer]``;
+  layers in ``chunk_masks`` (sparse drafting) read only those chunks, and record the mass of what they read;
 - the target's verification forward (``mode="verify"``): layers with a chunk selection in ``chunk_masks`` call
   the block-sparse attention backend; the others (dense layers) stay on SDPA. Self-speculation (mode ``self``)
   drafts in this mode: its selections, made at an earlier length, are one per KV head and every key past their
@@ -15,11 +16,11 @@ call (prefill, plain decoding) it is transformers' SDPA attention. During specul
   (summed over those queries, averaged over the group's query heads) to ``rows[layer]``.
 
 Inside the decode engine (keyword ``specattn_engine=True``, no transformers cache) every layer goes to the
-engine's attention op instead, which owns the cache writes (``engine/forward.py``).
+engine's attention op instead, which owns the cache writes (``engine/forward.py``), with the layer's variant.
 
-Every branch outside the engine follows the layer's variant (:mod:`specattn_runtime.variants`): sliding windows
-(also in sparse verification: keys outside the window are never read), soft-capping and attention sinks, with the
-torch backend; the runtime refuses those models for the engine and the GPU backends.
+Every branch follows the layer's variant (:mod:`specattn_runtime.variants`): sliding windows (also in sparse
+verification: keys outside the window are never read), soft-capping and attention sinks, with the torch or Triton
+backend; FlashInfer refuses those models.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 
 from .capture import register_attention, softmax_attention
 from .pooling import pool_to_chunks
-from .sparse import sparse_attention
-from .variants import variant_of
+from .sparse import key_mask_from_chunks, sparse_attention
+from .variants import variant_of, visible
 
 ATTN_NAME = "specattn"
 
@@ -56,16 +57,18 @@ def _specattn_attention(module, query, key, value, attention_mask, scaling=None,
     st, layer = specattn_state, getattr(module, "layer_idx", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     variant = variant_of(kwargs)
-    if specattn_engine:
-        if not variant.plain:  # models are checked when a runtime is built; this catches the rest
-            raise ValueError(f"{type(module).__name__} passes a sliding window, soft-capping or attention sinks to "
-                             "its attention, which the decode engine does not implement yet (engine='eager' with "
-                             "backend='torch' does)")
+    if specattn_engine:  # the layer's variant goes to the op as plain numbers (0: none) and its sink parameter
         from .engine.forward import engine_attention
 
-        return engine_attention(query, key, value, layer, float(scale)), None
+        return engine_attention(query, key, value, layer, float(scale), variant.window or 0,
+                                variant.softcap or 0.0, variant.sinks), None
+    if st is not None and st.mode == "draft" and layer in st.chunk_masks and layer not in st.record_layers:
+        return _sparse(st, layer, query, key, value, scale, variant)
     if st is not None and st.mode == "draft" and layer in st.record_layers:
-        out, probs = softmax_attention(query, key, value, attention_mask, scale, variant)
+        mask = attention_mask
+        if layer in st.chunk_masks:  # sparse drafting on a guiding layer: it records the mass of what it reads
+            mask = _with_chunks(attention_mask, st.chunk_masks[layer], query, key, st.chunk_size, variant)
+        out, probs = softmax_attention(query, key, value, mask, scale, variant)
         last = probs[:, :, -1].float()  # the newest query: [B, H, Tk]
         if st.per_kv_head:  # each KV head's group of query heads averaged: [B, Hkv, C]
             b, h, tk = last.shape
@@ -75,16 +78,37 @@ def _specattn_attention(module, query, key, value, attention_mask, scaling=None,
         st.rows.setdefault(layer, []).append(row)
         return out, None
     if st is not None and st.mode == "verify" and layer in st.chunk_masks:
-        sel = st.chunk_masks[layer]
-        if not isinstance(sel, tuple):
-            sel = _extend(sel, -(-key.shape[2] // st.chunk_size))
-        out = sparse_attention(query, key, value, sel, chunk_size=st.chunk_size, scale=scale, backend=st.backend,
-                               variant=variant)
-        return out.transpose(1, 2).contiguous(), None
+        return _sparse(st, layer, query, key, value, scale, variant)
     if st is not None and st.mode == "record" and layer in st.record_layers:
         return _record_per_kv_head(st, layer, module, query, key, value, attention_mask, scale, variant,
                                    scaling=scaling, dropout=dropout, **kwargs)
     return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _sparse(st: StepState, layer: int, query, key, value, scale, variant):
+    """Block-sparse attention over the layer's chunk selection (a shorter mask reads every later chunk)."""
+    sel = st.chunk_masks[layer]
+    if not isinstance(sel, tuple):
+        sel = _extend(sel, -(-key.shape[2] // st.chunk_size))
+    out = sparse_attention(query, key, value, sel, chunk_size=st.chunk_size, scale=scale, backend=st.backend,
+                           variant=variant)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _with_chunks(attention_mask, chunks: torch.Tensor, query, key, chunk_size: int, variant) -> torch.Tensor:
+    """bool ``[B, H, Tq, Tk]``: the keys the layer's own mask (or causality within its window) lets each query see,
+    restricted to the selected chunks (``chunks`` bool ``[B, C]`` or ``[B, Hkv, C]``)."""
+    b, h, tq, _ = query.shape
+    tk = key.shape[2]
+    keys = key_mask_from_chunks(_extend(chunks, -(-tk // chunk_size)), tk, chunk_size)  # [B, (Hkv,) Tk]
+    keys = keys[:, None] if keys.ndim == 2 else keys.repeat_interleave(h // keys.shape[1], dim=1)
+    if attention_mask is None:
+        base = visible(tq, tk, variant.window, query.device)
+    elif attention_mask.dtype == torch.bool:
+        base = attention_mask[..., :tk]
+    else:  # additive: 0 where visible
+        base = attention_mask[..., :tk] == 0
+    return base & keys[:, :, None, :]
 
 
 def dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

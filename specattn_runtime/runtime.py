@@ -100,7 +100,7 @@ class SpecAttnRuntime:
 
     def __init__(self, artifact: Artifact, draft, target, tokenizer=None, *, backend: str = "auto",
                  selection: str = "auto", exact_dense_shortcut: bool = True, engine: str = "auto",
-                 compile: bool | None = None, per_head: bool | None = None):
+                 compile: bool | None = None, per_head: bool | None = None, sparse_draft: bool = True):
         dev = next(target.parameters()).device
         on_cuda = dev.type == "cuda"
         validate.kernels(backend, selection, engine, dev)
@@ -114,15 +114,12 @@ class SpecAttnRuntime:
                                  "the FlashInfer wrapper takes one selection per layer")
             draft = target
         self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
-        # Sliding windows, soft-capping and sinks are implemented by the eager loop's torch attention only: "auto"
-        # takes that path for such models (exact, slower) and says so; an explicit engine or backend is refused.
+        # Sliding windows, soft-capping and sinks: the torch and Triton backends implement them in both engines
+        # (the kernels take each layer's variant); FlashInfer's block-sparse wrapper does not and refuses them.
         variant_models = {f for m in (draft, target) for f in model_features(m.config)}
-        if variant_models and engine == "auto" and backend in ("auto", "torch"):
-            if on_cuda:
-                warnings.warn(f"the models use {', '.join(sorted(variant_models))}: running the eager loop with the "
-                              "torch attention backend (the decode engine and the GPU kernels do not implement them "
-                              "yet)", stacklevel=2)
-            engine, backend = "eager", "torch"
+        if variant_models and backend == "flashinfer":
+            raise ValueError(f"the models use {', '.join(sorted(variant_models))}, which FlashInfer's block-sparse "
+                             "wrapper does not implement; use backend 'triton' (or 'torch')")
         self.engine = ("static" if on_cuda else "eager") if engine == "auto" else engine
         self.compile = on_cuda if compile is None else bool(compile)
         if selection == "auto":  # the Triton kernel where it compiles, the same search in torch elsewhere
@@ -130,10 +127,8 @@ class SpecAttnRuntime:
         if backend == "auto":
             backend = "triton" if on_cuda else "torch"
         self.backend, self.selection = backend, selection
-        for m in (draft, target):
-            # windows, soft-capping and sinks: implemented by the eager loop's torch attention only
-            check_supported(m.config, variants=self.engine == "eager" and backend == "torch",
-                            triton=backend == "triton")
+        for m in (draft, target):  # chunked / linear / state-space layers and per-layer configs: refused by name
+            check_supported(m.config, variants=True, triton=backend == "triton")
         self.chunk_size = artifact.chunk_size
         self.windows = layer_windows(target.config)  # per target layer: its sliding window or None
         self.layer_map = artifact.layer_map.tolist()
@@ -157,8 +152,16 @@ class SpecAttnRuntime:
         if self.per_head:  # the decode engine's form of the same rows and p
             heads = dict(head_map=tuple(tuple(self.head_map[j].tolist()) for j in self.sparse_layers),
                          top_p_head=tuple(tuple(artifact.top_p_head[j].tolist()) for j in self.sparse_layers))
+        # Sparse drafting (schema 3): draft layers with p < 1 read, after each step's first draft forward, only the
+        # top-p chunks of that forward's attention. Older artifacts, mode "self" and sparse_draft=False draft densely.
+        dp = artifact.draft_top_p if sparse_draft and self.mode == "draft" else None
+        self.draft_top_p = dp.tolist() if dp is not None else []
+        self.draft_sparse_layers = [i for i, p in enumerate(self.draft_top_p) if p < 1.0]
+        self._draft_p = torch.tensor([self.draft_top_p[i] for i in self.draft_sparse_layers])
         self.plan = SparsePlan(tuple(self.sparse_layers), tuple(self.layer_map[j] for j in self.sparse_layers),
-                               tuple(self.top_p[j] for j in self.sparse_layers), self.chunk_size, **heads)
+                               tuple(self.top_p[j] for j in self.sparse_layers), self.chunk_size, **heads,
+                               draft_sparse_layers=tuple(self.draft_sparse_layers),
+                               draft_top_p=tuple(self.draft_top_p[i] for i in self.draft_sparse_layers))
         # GPU work is asynchronous: the eager loop's time split is only honest if each phase has finished.
         self._sync = torch.cuda.synchronize if on_cuda else (lambda: None)
         self._caches = _Caches()
@@ -359,6 +362,9 @@ class SpecAttnRuntime:
         stats.drafted = k * stats.steps
         stats.kv_read_sum = kv_read_sums(len(self.layer_map), stats.steps, self.plan.sparse_layers,
                                          eng.kv_read_sum())
+        if k and self.mode == "draft":
+            stats.draft_kv_read_sum = kv_read_sums(self.draft.config.num_hidden_layers, stats.steps,
+                                                   eng.plan.draft_sparse_layers, eng.draft_kv_read_sum())
         times = eng.times  # the accept phase and the host loop are what "other" is made of
         stats.time_draft, stats.time_select, stats.time_verify = times.draft, times.select, times.verify
         stats.new_tokens = len(sink.tokens)

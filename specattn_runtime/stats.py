@@ -12,6 +12,9 @@ class GenerationStats:
     accepted: int = 0  # drafted tokens the target accepted
     accepted_hist: list[int] = field(default_factory=list)  # [n] = steps that accepted n drafts (n = 0 .. k)
     kv_read_sum: list[float] = field(default_factory=list)  # per target layer, summed over steps
+    # per draft layer, the share of its keys the draft forwards after each step's first read, summed over steps
+    # (sparse drafting; ``steps`` on layers that draft densely; empty when no draft ran)
+    draft_kv_read_sum: list[float] = field(default_factory=list)
     time_draft: float = 0.0
     time_select: float = 0.0
     time_verify: float = 0.0
@@ -36,6 +39,12 @@ class GenerationStats:
         return [s / max(self.steps, 1) for s in self.kv_read_sum]
 
     @property
+    def draft_kv_read_fraction(self) -> list[float]:
+        """Per draft layer: mean share of its KV rows the draft forwards after each step's first read (the first
+        is dense: it records the attention the others' selection comes from)."""
+        return [s / max(self.steps, 1) for s in self.draft_kv_read_sum]
+
+    @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / max(self.time_total, 1e-9)
 
@@ -53,7 +62,9 @@ class GenerationStats:
         kv = self.kv_read_fraction
         return {"engine": self.engine, "new_tokens": self.new_tokens, "steps": self.steps,
                 "mean_accepted_length": self.mean_accepted_length, "acceptance_rate": self.acceptance_rate,
-                "kv_read_mean": sum(kv) / max(len(kv), 1), "tokens_per_second": self.tokens_per_second,
+                "kv_read_mean": sum(kv) / max(len(kv), 1),
+                "draft_kv_read_mean": sum(dkv) / len(dkv) if (dkv := self.draft_kv_read_fraction) else None,
+                "tokens_per_second": self.tokens_per_second,
                 "decode_tokens_per_second": self.decode_tokens_per_second, "time_prefill": self.time_prefill,
                 "time_capture": self.time_capture, "time_draft": self.time_draft, "time_select": self.time_select,
                 "time_verify": self.time_verify,

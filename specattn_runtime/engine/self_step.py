@@ -70,6 +70,9 @@ class SelfSpecEngine(DecodeEngine):
         if plan.per_head:
             raise ValueError("SelfSpecEngine selects one chunk set per layer; a per-KV-head plan (head_map) runs on "
                              "the draft-model DecodeEngine (or the eager self-speculation loop)")
+        if plan.draft_sparse_layers:
+            raise ValueError("sparse drafting (draft_sparse_layers) is for a draft model; a self-speculation plan's "
+                             "sparse layers are already the drafting ones")
         if tuple(plan.draft_layers) != tuple(plan.sparse_layers):
             raise ValueError("a self-speculation plan guides each sparse layer by itself: draft_layers must equal "
                              f"sparse_layers (build it with self_plan), got {plan.draft_layers} vs "

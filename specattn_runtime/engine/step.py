@@ -7,7 +7,11 @@ selection, the target's logits, the emitted tokens. A step is "replay the phases
 1. ``draft``: ``k`` forwards of the draft, the first over ``[previous token, last emitted token]`` at positions
    ``L - 1, L`` (rewriting position ``L - 1`` fills the draft's cache for the last drafted token when the previous
    step accepted all ``k``; otherwise it rewrites the same values), then one token at ``L + 1 .. L + k - 1``; the
-   mapped layers add the new query's chunk-pooled attention to the score rows inside the attention kernel;
+   mapped layers add the new query's chunk-pooled attention to the score rows inside the attention kernel. With
+   sparse drafting (a plan with ``draft_sparse_layers``), the first forward is dense and records every draft layer
+   that drafts sparsely; one top-p launch over those rows (each layer's own p, sink and every chunk from the one
+   holding ``L - 1`` kept) picks the chunks the other ``k - 1`` forwards read in those layers: at long context the
+   draft's own KV, read ``k`` times a step, is otherwise the largest read of the step;
 2. ``select``: one launch of the top-p kernel over the sparse target layers' rows, each with its own p;
 3. ``verify``: one ``k + 1``-token forward of the target at the same positions, sparse layers reading only the
    selected chunks;
@@ -56,6 +60,10 @@ class SparsePlan:
     chunk_size: int = 16
     head_map: tuple[tuple[int, ...], ...] = ()  # [n_sparse][target KV heads]: guiding draft KV head
     top_p_head: tuple[tuple[float, ...], ...] = ()  # [n_sparse][target KV heads]: p
+    # Sparse drafting: draft layers whose forwards after the step's first read only the chunks that first (dense)
+    # forward's attention selects, with their own p (per draft KV head when the plan is per head).
+    draft_sparse_layers: tuple[int, ...] = ()
+    draft_top_p: tuple[float, ...] = ()
 
     def __post_init__(self):
         if bool(self.head_map) != bool(self.top_p_head):
@@ -67,14 +75,26 @@ class SparsePlan:
             raise ValueError(f"head_map and top_p_head need one row per sparse layer ({n}), all of one width (the "
                              f"target's KV heads); got {len(self.head_map)} and {len(self.top_p_head)} rows of "
                              f"widths {sorted(widths)}")
+        if len(self.draft_sparse_layers) != len(self.draft_top_p):
+            raise ValueError(f"draft_sparse_layers ({len(self.draft_sparse_layers)}) and draft_top_p "
+                             f"({len(self.draft_top_p)}) need one entry each")
+        if len(set(self.draft_sparse_layers)) != len(self.draft_sparse_layers):
+            raise ValueError(f"draft_sparse_layers has repeats: {self.draft_sparse_layers}")
 
     @property
     def per_head(self) -> bool:
         return bool(self.head_map)
 
     @property
-    def record_layers(self) -> tuple[int, ...]:
+    def guide_layers(self) -> tuple[int, ...]:
+        """Draft layers whose attention guides the target's selection (recorded by every draft forward)."""
         return tuple(sorted(set(self.draft_layers)))
+
+    @property
+    def record_layers(self) -> tuple[int, ...]:
+        """Draft layers with a score row: the guiding ones and, for sparse drafting, the sparse-drafting ones
+        (recorded by the step's first, dense forward only)."""
+        return tuple(sorted(set(self.draft_layers) | set(self.draft_sparse_layers)))
 
 
 def selection_rows(plan: SparsePlan, draft_kv_heads: int | None) -> tuple[list[int], list[float]]:
@@ -91,6 +111,34 @@ def selection_rows(plan: SparsePlan, draft_kv_heads: int | None) -> tuple[list[i
         return [rec.index(i) for i in plan.draft_layers], list(plan.top_p)
     rows = [rec.index(i) * draft_kv_heads + h for i, heads in zip(plan.draft_layers, plan.head_map) for h in heads]
     return rows, [x for ps in plan.top_p_head for x in ps]
+
+
+def draft_selection_rows(plan: SparsePlan, draft_kv_heads: int | None) -> tuple[list[int], list[float]]:
+    """Sparse drafting's score rows and their p: one per sparse-drafting draft layer, or per (layer, draft KV head)
+    when ``draft_kv_heads`` is given (a per-head plan), indices into the recorded rows as in :func:`selection_rows`."""
+    rec = plan.record_layers
+    if draft_kv_heads is None:
+        return [rec.index(i) for i in plan.draft_sparse_layers], list(plan.draft_top_p)
+    rows = [rec.index(i) * draft_kv_heads + h for i in plan.draft_sparse_layers for h in range(draft_kv_heads)]
+    return rows, [p for p in plan.draft_top_p for _ in range(draft_kv_heads)]
+
+
+def topp_into(rows: torch.Tensor, p: torch.Tensor, n_valid: torch.Tensor, recent_start: torch.Tensor,
+              idx: torch.Tensor, count: torch.Tensor, backend: str) -> None:
+    """Top-p over score ``rows`` ``[R, C]`` into ``idx`` ``[R, C]`` / ``count`` ``[R]`` (static shapes: the engines'
+    select phases): chunks below ``n_valid``, the sink and every chunk from ``recent_start`` on kept."""
+    if backend == "triton":
+        from ..selection.triton_select import topp_select_triton
+
+        topp_select_triton(rows, p, n_valid, recent_start=recent_start, out_idx=idx, out_count=count)
+    else:
+        from ..selection.threshold import topp_mask_threshold
+        from ..sparse.triton_attn import mask_to_indices
+
+        mask = topp_mask_threshold(rows, p, n_valid, recent_start=recent_start)
+        i, n = mask_to_indices(mask)
+        idx.copy_(i)
+        count.copy_(n)
 
 
 def read_share(chunks: torch.Tensor, n_keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -211,6 +259,16 @@ class DecodeEngine:
         self.recent_start = torch.zeros(n, dtype=torch.int32, device=dev)
         self.idx = torch.zeros(n, n_chunks, dtype=torch.int32, device=dev)
         self.count = torch.zeros(n, dtype=torch.int32, device=dev)
+        # sparse drafting: the same four buffers for the draft's own selection (``d`` prefix)
+        drows, dp = draft_selection_rows(plan, hd)
+        nd = len(drows)
+        self.dscore_rows = torch.tensor(drows, dtype=torch.int64, device=dev)
+        self.dsel_p = torch.tensor(dp, dtype=torch.float32, device=dev)
+        self.dn_valid = torch.zeros(nd, dtype=torch.int32, device=dev)
+        self.drecent_start = torch.zeros(nd, dtype=torch.int32, device=dev)
+        self.didx = torch.zeros(nd, n_chunks, dtype=torch.int32, device=dev)
+        self.dcount = torch.zeros(nd, dtype=torch.int32, device=dev)
+        self.draft_kv_read = torch.zeros(len(plan.draft_sparse_layers), dtype=torch.float64, device=dev)
 
     def _draft_kv_heads(self) -> int:
         """The draft's KV heads, checked against the plan's head map (and the target's KV heads against its width)."""
@@ -237,15 +295,28 @@ class DecodeEngine:
         """float64 ``[n_sparse]``: chunks each sparse layer reads (the mean over its KV heads when per head)."""
         return self.count.view(len(self.plan.sparse_layers), -1).double().mean(-1)
 
+    def _draft_selection(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse-drafting layer ``r``'s selection as the draft's attention reads it (views of ``didx`` / ``dcount``:
+        ``[1, C]`` / ``[1]``, or ``[1, Hkv_draft, C]`` / ``[1, Hkv_draft]`` per KV head)."""
+        if not self.plan.per_head:
+            return self.didx[r : r + 1], self.dcount[r : r + 1]
+        nd, c = len(self.plan.draft_sparse_layers), self.didx.shape[1]
+        return self.didx.view(nd, -1, c)[r : r + 1], self.dcount.view(nd, -1)[r : r + 1]
+
     def _draft_contexts(self) -> list[ForwardContext]:
-        """What each of the ``k`` draft forwards' attention reads and records (subclasses draft differently)."""
-        c, backend = self.plan.chunk_size, self.backend
+        """What each of the ``k`` draft forwards' attention reads and records (subclasses draft differently).
+
+        The first forward records every row (the guiding layers' and the sparse-drafting layers'); the others
+        record the guiding layers' only and, with sparse drafting, read the draft selection in those layers."""
+        c, backend, plan = self.plan.chunk_size, self.backend, self.plan
         kv_d = self.store.kv["draft"]
-        rows = {i: self.scores[r : r + 1] for r, i in enumerate(self.plan.record_layers)}
+        rows = {i: self.scores[r : r + 1] for r, i in enumerate(plan.record_layers)}
+        guide = {i: rows[i] for i in plan.guide_layers}
+        sparse = {i: self._draft_selection(r) for r, i in enumerate(plan.draft_sparse_layers)}
         ctx = [ForwardContext(kv_d, self.draft_pos[0:2], self.draft_lens[1:2], c, backend, record=rows,
                               record_last_query=True)]
         return ctx + [ForwardContext(kv_d, self.draft_pos[s + 1 : s + 2], self.draft_lens[s + 1 : s + 2], c, backend,
-                                     record=rows) for s in range(1, self.k)]
+                                     sparse=sparse, record=guide) for s in range(1, self.k)]
 
     def _phase_table(self) -> dict:
         """Phase name -> function, in replay order."""
@@ -280,6 +351,21 @@ class DecodeEngine:
                 logits = self.forwards["draft"](ids, pos)[0, -1]
             self.drafted[s : s + 1].copy_(self._choose(logits, s))
             ids, pos = self.drafted[s : s + 1].view(1, 1), self.draft_pos[s + 2 : s + 3].view(-1, 1)
+            if s == 0 and self.plan.draft_sparse_layers and self.k > 1:
+                self._draft_select()
+
+    def _draft_select(self) -> None:
+        """The draft's own selection from its first forward's rows: the later drafts (positions up to ``L + k -
+        1``) read chunks below ``ceil((L + k) / c)``, every chunk from the one holding ``L - 1`` on kept."""
+        c, k = self.plan.chunk_size, self.k
+        n_keys, recent = self.L + k, (self.L - 1).clamp(min=0) // c
+        self.dn_valid.copy_(((n_keys + c - 1) // c).expand_as(self.dn_valid))
+        self.drecent_start.copy_(recent.expand_as(self.drecent_start))
+        rows = self.scores.view(-1, self.scores.shape[-1]).index_select(0, self.dscore_rows)
+        topp_into(rows, self.dsel_p, self.dn_valid, self.drecent_start, self.didx, self.dcount, self.backend)
+        counts = self.dcount.view(len(self.plan.draft_sparse_layers), -1).double().mean(-1)
+        # share of the last draft forward's keys each sparse-drafting layer read (k - 1 of the k forwards)
+        self.draft_kv_read.add_(read_share(counts, n_keys.double(), c).clamp(max=1.0))
 
     def _select(self) -> None:
         c = self.plan.chunk_size  # every chunk holding a verified position is kept
@@ -292,19 +378,7 @@ class DecodeEngine:
         self.n_valid.copy_(((n_keys + c - 1) // c).expand_as(self.n_valid))
         self.recent_start.copy_(recent_start.expand_as(self.recent_start))
         rows = self.scores.view(-1, self.scores.shape[-1]).index_select(0, self.score_rows)  # [R, C]
-        if self.backend == "triton":
-            from ..selection.triton_select import topp_select_triton
-
-            topp_select_triton(rows, self.sel_p, self.n_valid, recent_start=self.recent_start, out_idx=self.idx,
-                               out_count=self.count)
-        else:
-            from ..selection.threshold import topp_mask_threshold
-            from ..sparse.triton_attn import mask_to_indices
-
-            mask = topp_mask_threshold(rows, self.sel_p, self.n_valid, recent_start=self.recent_start)
-            idx, count = mask_to_indices(mask)
-            self.idx.copy_(idx)
-            self.count.copy_(count)
+        topp_into(rows, self.sel_p, self.n_valid, self.recent_start, self.idx, self.count, self.backend)
 
     def _target_forward(self, q_len: int) -> torch.Tensor:
         torch.add(self.L, self.offsets[:q_len], out=self.verify_pos[:q_len])
@@ -398,6 +472,7 @@ class DecodeEngine:
         self.temperature.fill_(temperature)
         self.top_p.fill_(top_p)
         self.kv_read.zero_()
+        self.draft_kv_read.zero_()
         self.times = StepTimes()
 
     @torch.no_grad()
@@ -427,3 +502,7 @@ class DecodeEngine:
         """Per sparse layer, the fraction of keys its verification read (the mean over its KV heads when selecting per
         head), summed over steps (reads the device)."""
         return self.kv_read.tolist()
+
+    def draft_kv_read_sum(self) -> list[float]:
+        """Per sparse-drafting draft layer, the fraction of keys its sparse forwards read, summed over steps."""
+        return self.draft_kv_read.tolist()
