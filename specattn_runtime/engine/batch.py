@@ -14,7 +14,9 @@ row. One host read per step: ``out [b, k + 2]`` (tokens emitted, then the tokens
 Modes (``mode``):
 
 - ``"draft"``: the draft model drafts ``k`` tokens (the first forward over ``[prev, cur]``), its mapped layers record
-  chunk-pooled rows per slot; one top-p launch selects every (slot, sparse layer[, KV head]) row; the target
+  chunk-pooled rows per slot (with sparse drafting the first forward also records the sparse-drafting layers, one
+  top-p launch over every (slot, draft layer[, KV head]) row follows it, and the other ``k - 1`` forwards read
+  those chunks in those layers); one top-p launch selects every (slot, sparse layer[, KV head]) row; the target
   verifies ``b x (k + 1)`` tokens reading per-slot chunk lists; ``k = 0`` is batched autoregressive decoding;
 - ``"self"``: the target drafts for itself over the chunks its last dense verification attended to (per layer),
   then verifies densely and records (lossless).
@@ -28,7 +30,7 @@ from ..rng import SLOT_FINAL, sample
 from ..sampling import greedy_accept_batch, probs_device, rejection_accept_batch
 from .forward import ForwardContext, active
 from .pages import SCRATCH_PAGE, PagedKVPool
-from .step import SAMPLING_MODES, SparsePlan, read_share, selection_rows
+from .step import SAMPLING_MODES, SparsePlan, draft_selection_rows, read_share, selection_rows, topp_into
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes a step runs (and captures graphs) at
 
@@ -125,22 +127,37 @@ class BatchEngine:
         self.R = len(rows)
         self.score_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
         self.sel_p = torch.tensor(p, dtype=torch.float32, device=dev).repeat(bm)
-        n = bm * self.R
-        self.n_valid = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.recent_start = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.idx = torch.zeros(n, c, dtype=torch.int32, device=dev)
-        self.count = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.n_valid, self.recent_start, self.idx, self.count = self._selection_rows(bm * self.R)
+        # sparse drafting: the draft's own rows, p and selection, ``RD`` rows per slot
+        drows, dp = draft_selection_rows(plan, hd)
+        self.RD = len(drows)
+        self.dscore_rows = torch.tensor(drows, dtype=torch.int64, device=dev)
+        self.dsel_p = torch.tensor(dp, dtype=torch.float32, device=dev).repeat(bm)
+        self.dn_valid, self.drecent_start, self.didx, self.dcount = self._selection_rows(bm * self.RD)
+        self.draft_kv_read = torch.zeros(bm, len(plan.draft_sparse_layers), dtype=torch.float64, device=dev)
+
+    def _selection_rows(self, n: int) -> tuple[torch.Tensor, ...]:
+        """``(n_valid, recent_start, idx, count)`` for ``n`` selection rows (int32 ``[n]``, ``[n]``, ``[n, C]``, ``[n]``)."""
+        z = dict(dtype=torch.int32, device=self.device)
+        return torch.zeros(n, **z), torch.zeros(n, **z), torch.zeros(n, self.n_chunks, **z), torch.zeros(n, **z)
 
     def _selections(self, b: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per sparse layer, its selection for the first ``b`` slots: ``(idx [b, C], count [b])`` or, per KV head,
         ``(idx [b, Hkv, C], count [b, Hkv])`` (views)."""
-        ns, c = len(self.plan.sparse_layers), self.n_chunks
-        idx, count = self.idx[: b * self.R], self.count[: b * self.R]
+        return self._split(self.idx, self.count, self.R, self.plan.sparse_layers, b)
+
+    def _draft_selections(self, b: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per sparse-drafting draft layer, its selection for the first ``b`` slots (as :meth:`_selections`)."""
+        return self._split(self.didx, self.dcount, self.RD, self.plan.draft_sparse_layers, b)
+
+    def _split(self, idx, count, rows: int, layers, b: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        n, c = len(layers), self.n_chunks
+        idx, count = idx[: b * rows], count[: b * rows]
         if self.plan.per_head:
-            idx, count = idx.view(b, ns, -1, c), count.view(b, ns, -1)
+            idx, count = idx.view(b, n, -1, c), count.view(b, n, -1)
         else:
-            idx, count = idx.view(b, ns, c), count.view(b, ns)
-        return {j: (idx[:, r], count[:, r]) for r, j in enumerate(self.plan.sparse_layers)}
+            idx, count = idx.view(b, n, c), count.view(b, n)
+        return {j: (idx[:, r], count[:, r]) for r, j in enumerate(layers)}
 
     def _layer_counts(self, b: int) -> torch.Tensor:
         """float64 ``[b, n_sparse]``: chunks each sparse layer reads (mean over its KV heads when per head)."""
@@ -183,20 +200,37 @@ class BatchEngine:
         return sample(probs, self.seed[:b], self.step_no[:b], slot)
 
     def _draft(self, b: int) -> None:
-        k, L = self.k, self.L[:b]
+        k, L, plan = self.k, self.L[:b], self.plan
         self.scores[:b].zero_()
         pos = (L[:, None] + self.offsets - 1).clamp_(min=0)  # [b, k + 1]: L - 1, L, .. L + k - 1 (L = 0: both 0)
         lens = (pos + 1).to(torch.int32)
         rec = self.scores[:b]
-        record = {i: rec[:, r] for r, i in enumerate(self.plan.record_layers)}
+        record = {i: rec[:, r] for r, i in enumerate(plan.record_layers)}  # the first forward records every row
+        guide = {i: record[i] for i in plan.guide_layers}
+        sparse = self._draft_selections(b) if plan.draft_sparse_layers else {}
         ids, p = torch.cat([self.prev[:b], self.cur[:b]], dim=1), pos[:, :2]
         for s in range(k):
             kv_len = lens[:, s + 1].contiguous()
-            ctx = self._context("draft", p, kv_len, b, record=record, record_last_query=s == 0)
+            ctx = self._context("draft", p, kv_len, b, record=record, record_last_query=True) if s == 0 else \
+                self._context("draft", p, kv_len, b, record=guide, sparse=sparse)
             with active(ctx):
                 logits = self.forwards["draft"](ids, p)[:, -1]
             self.drafted[:b, s : s + 1].copy_(self._choose(logits, s, b))
             ids, p = self.drafted[:b, s : s + 1], pos[:, s + 2 : s + 3]
+            if s == 0 and sparse and k > 1:
+                self._draft_select(b)
+
+    def _draft_select(self, b: int) -> None:
+        """The draft's own selection from its first forward's rows (see ``DecodeEngine._draft_select``)."""
+        c, L, n = self.plan.chunk_size, self.L[:b], b * self.RD
+        n_keys = L + self.k
+        self.dn_valid[:n].copy_(((n_keys + c - 1) // c)[:, None].expand(b, self.RD).reshape(-1))
+        self.drecent_start[:n].copy_(((L - 1).clamp(min=0) // c)[:, None].expand(b, self.RD).reshape(-1))
+        rows = self.scores[:b].flatten(1, -2).index_select(1, self.dscore_rows).reshape(n, -1)
+        topp_into(rows, self.dsel_p[:n], self.dn_valid[:n], self.drecent_start[:n], self.didx[:n], self.dcount[:n],
+                  self.backend)
+        counts = self.dcount[:n].view(b, len(self.plan.draft_sparse_layers), -1).double().mean(-1)
+        self.draft_kv_read[:b].add_(read_share(counts, n_keys.double()[:, None], c).clamp(max=1.0))
 
     def _select(self, b: int) -> None:
         c = self.plan.chunk_size  # every chunk holding a verified position is kept
@@ -209,19 +243,8 @@ class BatchEngine:
         self.n_valid[:n].copy_(((n_keys + c - 1) // c)[:, None].expand(b, self.R).reshape(-1))
         self.recent_start[:n].copy_(recent_start[:, None].expand(b, self.R).reshape(-1))
         rows = self.scores[:b].flatten(1, -2).index_select(1, self.score_rows).reshape(n, -1)  # [b * R, C]
-        if self.backend == "triton":
-            from ..selection.triton_select import topp_select_triton
-
-            topp_select_triton(rows, self.sel_p[:n], self.n_valid[:n], recent_start=self.recent_start[:n],
-                               out_idx=self.idx[:n], out_count=self.count[:n])
-        else:
-            from ..selection.threshold import topp_mask_threshold
-            from ..sparse.triton_attn import mask_to_indices
-
-            mask = topp_mask_threshold(rows, self.sel_p[:n], self.n_valid[:n], recent_start=self.recent_start[:n])
-            idx, count = mask_to_indices(mask)
-            self.idx[:n].copy_(idx)
-            self.count[:n].copy_(count)
+        topp_into(rows, self.sel_p[:n], self.n_valid[:n], self.recent_start[:n], self.idx[:n], self.count[:n],
+                  self.backend)
 
     def _target_forward(self, b: int, q_len: int, **kw) -> torch.Tensor:
         """The target over ``verify_ids[:b, :q_len]`` at positions ``L .. L + q_len - 1``: logits ``[b, q_len, V]``."""
@@ -315,6 +338,7 @@ class BatchEngine:
         self.temperature[slot] = max(float(temperature), 1e-6)
         self.top_p[slot] = float(top_p)
         self.kv_read[slot] = 0
+        self.draft_kv_read[slot] = 0
         if self.mode == "self" and self.plan.sparse_layers:  # the first round drafts densely: nothing recorded yet
             r = slice(slot * self.R, (slot + 1) * self.R)
             self.idx[r].copy_(self.all_chunks.expand(self.R, -1))
@@ -331,22 +355,28 @@ class BatchEngine:
         """Move a sequence's device state from slot ``src`` to ``dst`` (to keep the live slots a prefix)."""
         for t in self._slot_tensors():
             t[dst].copy_(t[src])
-        r = self.R
-        for t in (self.idx, self.count, self.n_valid, self.recent_start):
-            t[dst * r : (dst + 1) * r].copy_(t[src * r : (src + 1) * r])
+        for r, ts in ((self.R, (self.idx, self.count, self.n_valid, self.recent_start)),
+                      (self.RD, (self.didx, self.dcount, self.dn_valid, self.drecent_start))):
+            for t in ts:
+                t[dst * r : (dst + 1) * r].copy_(t[src * r : (src + 1) * r])
         self.clear_slot(src)
 
     def _slot_tensors(self) -> list[torch.Tensor]:
         """A sequence's device state: one row per slot."""
         return [self.L, self.cur, self.prev, self.step_no, self.seed, self.temperature, self.top_p,
-                self.page_table, self.kv_read, self.scores]
+                self.page_table, self.kv_read, self.draft_kv_read, self.scores]
 
     def phase_buffers(self) -> list[torch.Tensor]:
         """Every buffer a phase writes (what warm-up and graph capture must leave as they found them)."""
         ts = [self.L, self.cur, self.prev, self.step_no, self.page_table, self.kv_read, self.out, self.verify_ids,
-              self.drafted, self.scores, self.idx, self.count, self.n_valid, self.recent_start]
+              self.drafted, self.scores, self.idx, self.count, self.n_valid, self.recent_start, self.draft_kv_read,
+              self.didx, self.dcount, self.dn_valid, self.drecent_start]
         return ts + ([self.q_probs] if self.q_probs is not None else [])
 
     def kv_read_sum(self, slot: int) -> list[float]:
         """Per sparse layer, the summed fraction of keys slot ``slot`` read (reads the device)."""
         return self.kv_read[slot].tolist()
+
+    def draft_kv_read_sum(self, slot: int) -> list[float]:
+        """Per sparse-drafting draft layer, the summed share of keys slot ``slot``'s later draft forwards read."""
+        return self.draft_kv_read[slot].tolist()

@@ -38,6 +38,7 @@ class BatchRunner:
         self.scheduler = Scheduler(pool.allocator, max_batch)
         self.prefill_tokens = prefill_tokens
         self.n_layers = target.config.num_hidden_layers
+        self.n_draft_layers = len(pool.kv["draft"]) if "draft" in pool.kv else 0
         self.roles = ("target", "draft") if k and mode == "draft" else ("target",)
         self.step_seconds = 0.0  # device time of the decode steps (all sequences together)
         self.steps = 0
@@ -95,6 +96,10 @@ class BatchRunner:
         st.drafted = self.k * st.steps
         sums = self.engine.kv_read_sum(seq.slot) if self.plan.sparse_layers and self.k else []
         st.kv_read_sum = kv_read_sums(self.n_layers, st.steps, self.plan.sparse_layers if self.k else [], sums)
+        if self.k and self.mode == "draft":
+            layers = self.plan.draft_sparse_layers if self.k > 1 else ()
+            st.draft_kv_read_sum = kv_read_sums(self.n_draft_layers, st.steps, layers,
+                                                self.engine.draft_kv_read_sum(seq.slot) if layers else [])
         st.new_tokens = len(seq.tokens)
         st.time_total = time.perf_counter() - seq.t_start
         self._release(seq)
