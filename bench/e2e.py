@@ -11,6 +11,9 @@ Methods (the ``method`` key of each JSON row):
 - ``specattn_head``: the same with per-KV-head selection (an artifact with a head map: target KV head ``h`` guided
   by draft KV head ``h * Hkv_draft // Hkv_target``, the same forced p on every head): the draft records one row
   per KV head, top-p runs per (sparse layer, target KV head), the verification reads per-head index lists.
+- ``specattn_sd``: ``specattn`` with sparse drafting: after each step's first (dense) draft forward, every draft
+  layer but the first reads only the top-p chunks (``--draft-density``) of that forward's attention. Rows carry
+  ``draft_kv_read`` (the later forwards' share) and ``draft_floor_ms`` (the draft phase's bytes over bandwidth).
 - ``self_spec``: self-speculation (``SelfSpecEngine``): the target alone drafts ``k`` tokens with sparse attention
   over the chunks selected from its previous dense verification's recorded attention, then verifies densely.
 
@@ -56,7 +59,8 @@ from specattn_runtime import SpecAttnRuntime, hooks  # noqa: E402
 from specattn_runtime.engine import (DecodeEngine, KVStore, SelfSpecEngine, SparsePlan, StepTimes,  # noqa: E402
                                      make_forward, self_plan)
 
-METHODS = ("hf_compiled_ar", "ar", "spec_dense", "specattn", "self_spec", "specattn_head")
+METHODS = ("hf_compiled_ar", "ar", "spec_dense", "specattn", "self_spec", "specattn_head", "specattn_sd")
+SPEC_METHODS = {"spec_dense", "specattn", "specattn_head", "specattn_sd"}  # need the draft model and the runtime
 
 PAIRS = {
     # (target config, draft config): public architecture hyper-parameters
@@ -117,10 +121,12 @@ class ForcedSelfAcceptance(ForcedAcceptanceMixin, SelfSpecEngine):
     recorded attention, at the p in its ``sel_p`` buffer (the forced density)."""
 
 
-def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2, heads: tuple[int, int] | None = None):
+def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2, heads: tuple[int, int] | None = None,
+                 draft_density: float | None = None, draft_dense_layers: int = 1):
     """A synthetic artifact: target layers mapped proportionally onto draft layers, p = density. ``heads``
     ``(target KV heads, draft KV heads)``: with a head map (each target KV head guided by the draft KV head at the
-    same relative index) and p = density on every head."""
+    same relative index) and p = density on every head. ``draft_density``: sparse drafting, that p on every draft
+    layer after the first ``draft_dense_layers``."""
     from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact
 
     layer_map = [-1] * dense_layers + [min(n_d - 1, round(j * (n_d - 1) / (n_t - 1))) for j in range(dense_layers, n_t)]
@@ -131,6 +137,9 @@ def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2, head
             "calibration_corpus": "{}", "objective": json.dumps({"kind": "forced_density", "density": density}),
             "holdout_quality": "{}", "created_at": datetime.now(timezone.utc).isoformat(), "specattn_version": "bench"}
     art = Artifact(torch.tensor(layer_map, dtype=torch.int32), torch.tensor(top_p), torch.zeros(n_t, n_d), meta)
+    if draft_density is not None:
+        dp = [1.0] * draft_dense_layers + [draft_density] * (n_d - draft_dense_layers)
+        art = dataclasses.replace(art, draft_top_p=torch.tensor(dp))
     if heads is None:
         return art
     h_t, h_d = heads
@@ -152,6 +161,11 @@ class Bytes:
 
     def forward(self, ctx: int, kv_fraction: float = 1.0) -> float:
         return self.weights + self.kv_per_position * ctx * kv_fraction
+
+    def draft_phase(self, ctx: int, k: int, sparse_read: float = 1.0) -> float:
+        """The draft phase: ``k`` forwards (weights each time), the first reading all ``ctx`` keys, the other
+        ``k - 1`` the share ``sparse_read`` (1 for dense drafting; sparse drafting's mean over layers)."""
+        return k * self.weights + self.kv_per_position * ctx * (1 + (k - 1) * sparse_read)
 
 
 @torch.no_grad()
@@ -218,7 +232,8 @@ def run_ours(rt: SpecAttnRuntime, ids: torch.Tensor, new_tokens: int, k: int, ac
     s = out.stats
     per_step = 1e3 / s.steps
     kv = sum(s.kv_read_fraction) / len(s.kv_read_fraction)
-    return {"tokens_per_second": s.decode_tokens_per_second, "step_ms": s.time_decode * per_step,
+    dkv = s.draft_kv_read_fraction
+    return {"tokens_per_second": s.decode_tokens_per_second, "draft_kv_read": sum(dkv) / len(dkv) if dkv else None, "step_ms": s.time_decode * per_step,
             "split_ms": {"draft": s.time_draft * per_step, "select": s.time_select * per_step,
                          "verify": s.time_verify * per_step,
                          "other": (s.time_decode - s.time_draft - s.time_select - s.time_verify) * per_step},
@@ -317,6 +332,8 @@ def main() -> None:
                     help="forced mean tokens per verification (random weights cannot show acceptance)")
     ap.add_argument("--density", type=float, nargs="+", default=[0.2, 0.4],
                     help="forced p on every sparse layer (random weights cannot show sparsity)")
+    ap.add_argument("--draft-density", type=float, default=0.1,
+                    help="specattn_sd: forced p of the draft's own sparse reading (every draft layer but the first)")
     ap.add_argument("--self-accepted-length", type=float, nargs="+", default=[3.0, 3.5],
                     help="self_spec: forced mean tokens per step, paired with --self-density")
     ap.add_argument("--self-density", type=float, nargs="+", default=[0.10, 0.05],
@@ -332,7 +349,7 @@ def main() -> None:
     if len(args.self_accepted_length) != len(args.self_density):
         ap.error("--self-accepted-length and --self-density are pairs: give them the same number of values")
     want = set(args.methods) - ({"hf_compiled_ar"} if args.skip_hf else set())
-    spec = bool(want & {"spec_dense", "specattn", "specattn_head"})  # the draft model and the runtime are needed
+    spec = bool(want & SPEC_METHODS)
     t_cfg, d_cfg = PAIRS[args.pair]
     max_pos = max(args.contexts) + 4 * args.new_tokens + max(args.k) + 64
     torch.manual_seed(0)
@@ -365,6 +382,10 @@ def main() -> None:
                 for d in args.density:
                     rts[("specattn_head", d)] = SpecAttnRuntime(artifact_for(n_t, n_d, d, heads=heads), draft,
                                                                 target)
+            if "specattn_sd" in want:
+                for d in args.density:
+                    art = artifact_for(n_t, n_d, d, draft_density=args.draft_density)
+                    rts[("specattn_sd", d)] = SpecAttnRuntime(art, draft, target)
             first = rts["spec_dense"]
             for rt in rts.values():
                 rt.engine_class = ForcedAcceptance
@@ -380,10 +401,12 @@ def main() -> None:
                     for key, rt in rts.items():
                         res = run_ours(rt, ids, args.new_tokens, k, acc)
                         kv = res["kv_read_all_layers"]
-                        floor_ms = 1e3 * (k * db.forward(ctx) + tb.forward(ctx, kv)) / bw  # k draft forwards
+                        draft_floor_ms = 1e3 * db.draft_phase(ctx, k, res["draft_kv_read"] or 1.0) / bw
+                        floor_ms = draft_floor_ms + 1e3 * tb.forward(ctx, kv) / bw
                         method, density = (key, None) if key == "spec_dense" else key
                         rows.append(base | {"k": k, "accepted_length": acc, "density": density, "method": method,
-                                            **res,
+                                            **res, "draft_floor_ms": draft_floor_ms,
+                                            "draft_density": args.draft_density if method == "specattn_sd" else None,
                                             "floor_ms": floor_ms,
                                             "bytes_bound_speedup_over_ar": acc / floor_ms * ar_floor_ms})
                         print(f"ctx {ctx} k {k} acc {acc} {key}: {res['tokens_per_second']:.1f} tok/s, step "
@@ -419,18 +442,21 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| context | method | k | acc. len (forced) | density (forced) | KV read | tok/s | x HF | step ms | floor ms "
-          "| floor/step | bytes-bound x AR | draft / select / verify / other ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| context | method | k | acc. len (forced) | density (forced) | KV read | draft KV read | tok/s | x HF | "
+          "step ms | floor ms | floor/step | bytes-bound x AR | draft / select / verify / other ms | draft floor ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         split = r.get("split_ms")
         split_s = " / ".join(f"{split[p]:.2f}" for p in ("draft", "select", "verify", "other")) if split else "-"
         kv = r.get("kv_read_all_layers")
         x_hf = r.get("speedup_over_hf")
+        dkv, dfl = r.get("draft_kv_read"), r.get("draft_floor_ms")
         print(f"| {r['context']} | {r['method']} | {r['k'] or '-'} | {r['accepted_length'] or '-'} | "
-              f"{r['density'] or '-'} | {f'{kv:.3f}' if kv is not None else '-'} | {r['tokens_per_second']:.1f} | "
+              f"{r['density'] or '-'} | {f'{kv:.3f}' if kv is not None else '-'} | "
+              f"{f'{dkv:.3f}' if dkv is not None else '-'} | {r['tokens_per_second']:.1f} | "
               f"{f'{x_hf:.2f}' if x_hf else '-'} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
-              f"{r['floor_ms'] / r['step_ms']:.2f} | {r['bytes_bound_speedup_over_ar']:.2f} | {split_s} |")
+              f"{r['floor_ms'] / r['step_ms']:.2f} | {r['bytes_bound_speedup_over_ar']:.2f} | {split_s} | "
+              f"{f'{dfl:.2f}' if dfl else '-'} |")
 
 
 if __name__ == "__main__":

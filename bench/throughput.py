@@ -5,6 +5,8 @@ Methods (``method`` of each JSON row), all over one paged KV pool per (batch, co
 - ``ar``: the batched engine with ``k = 0`` (the target alone, one token per sequence per step);
 - ``spec_dense``: draft-model speculation, every target layer verified densely;
 - ``specattn`` / ``specattn_head``: sparse verification, per layer / per KV head;
+- ``specattn_sd``: ``specattn`` with sparse drafting (every draft layer but the first reads, after each step's
+  first dense draft forward, the top-p chunks of its attention at ``--draft-density``);
 - ``self_spec``: self-speculation (the target drafts over the chunks its last dense verification attended to);
 - ``hf_compiled_batch``: transformers' ``StaticCache`` of batch B with the one-token step under
   ``torch.compile(mode="reduce-overhead")``, equal-length prompts prefilled in chunks (out of memory: said so);
@@ -45,7 +47,9 @@ from specattn_runtime.engine.graphs import BatchGraphs  # noqa: E402
 from specattn_runtime.engine.pages import PagedKVPool, bytes_per_page  # noqa: E402
 from specattn_runtime.engine.prefill import prefill_into_pool  # noqa: E402
 
-METHODS = ("ar", "spec_dense", "specattn", "specattn_head", "self_spec", "hf_compiled_batch", "hf_batch")
+METHODS = ("ar", "spec_dense", "specattn", "specattn_head", "specattn_sd", "self_spec", "hf_compiled_batch",
+           "hf_batch")
+ENGINE_METHODS = METHODS[:6]
 
 
 class ForcedBatchAcceptance(BatchEngine):
@@ -105,6 +109,7 @@ def run_batched(eng: BatchEngine, pages: list[list[int]], prompt: list[int], ste
         graphs.step(b)
     graphs.times.__init__()
     eng.kv_read.zero_()
+    eng.draft_kv_read.zero_()
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     toks = 0
@@ -115,11 +120,15 @@ def run_batched(eng: BatchEngine, pages: list[list[int]], prompt: list[int], ste
     n_layers = eng.target.config.num_hidden_layers
     sparse = (eng.kv_read[:b].sum(0) / steps / b).tolist()  # per sparse layer, mean over sequences
     kv = (n_layers - len(sparse) + sum(sparse)) / n_layers
+    n_draft = len(eng.pool.kv["draft"]) if "draft" in eng.pool.kv else 0
+    dsparse = (eng.draft_kv_read[:b].sum(0) / steps / b).tolist() if eng.plan.draft_sparse_layers else []
+    draft_kv = (n_draft - len(dsparse) + sum(dsparse)) / n_draft if n_draft else None
     return {"tokens_per_second": toks / elapsed, "step_ms": elapsed * per_step,
             "split_ms": {"draft": tm.draft * per_step, "select": tm.select * per_step, "verify": tm.verify * per_step,
                          "accept": tm.accept * per_step,
                          "other": (elapsed - tm.draft - tm.select - tm.verify - tm.accept) * per_step},
-            "measured_accepted_length": toks / steps / b, "kv_read_all_layers": kv, "steps": steps,
+            "measured_accepted_length": toks / steps / b, "kv_read_all_layers": kv, "draft_kv_read": draft_kv,
+            "steps": steps,
             "capture_s": capture_s}
 
 
@@ -171,10 +180,12 @@ def main() -> None:
     ap.add_argument("--pair", choices=sorted(PAIRS), default="llama3")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:5]) + ["hf_compiled_batch"])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(ENGINE_METHODS) + ["hf_compiled_batch"])
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--accepted-length", type=float, default=3.0, help="forced mean tokens per sequence and step")
     ap.add_argument("--density", type=float, default=0.4, help="forced p of every sparse verification layer")
+    ap.add_argument("--draft-density", type=float, default=0.1,
+                    help="specattn_sd: forced p of the draft's own sparse reading (every draft layer but the first)")
     ap.add_argument("--self-accepted-length", type=float, default=3.5)
     ap.add_argument("--self-density", type=float, default=0.05, help="self_spec: forced p of the drafting layers")
     ap.add_argument("--steps", type=int, default=24, help="timed steps per row")
@@ -192,7 +203,7 @@ def main() -> None:
     max_pos = max(args.contexts) + 1024
     torch.manual_seed(0)
     target = build(t_cfg, max_pos)
-    spec = bool(want & {"spec_dense", "specattn", "specattn_head"})
+    spec = bool(want & {"spec_dense", "specattn", "specattn_head", "specattn_sd"})
     draft = build(d_cfg, max_pos) if spec else None
     models = {"target": target, **({"draft": draft} if spec else {})}
     bw = copy_bandwidth("cuda")
@@ -209,6 +220,8 @@ def main() -> None:
         heads = (target.config.num_key_value_heads, draft.config.num_key_value_heads)
         plans["specattn_head"] = (SpecAttnRuntime(artifact_for(n_t, n_d, args.density, heads=heads), draft,
                                                   target).plan, args.k, "draft", args.accepted_length)
+        sd = artifact_for(n_t, n_d, args.density, draft_density=args.draft_density)
+        plans["specattn_sd"] = (SpecAttnRuntime(sd, draft, target).plan, args.k, "draft", args.accepted_length)
     plans["self_spec"] = (self_plan(range(2, n_t), [args.self_density] * (n_t - 2)), args.k, "self",
                           args.self_accepted_length)
     meta = {"pair": args.pair, "device": dev_name, "torch": torch.__version__, "copy_bandwidth_GBs": bw / 1e9,
@@ -231,23 +244,26 @@ def main() -> None:
                 continue
             pool, pages, prompt = filled_pool(models, b, ctx, (args.steps + 8) * (args.k + 1) + 32,
                                               t_cfg["vocab_size"])
-            for method in [m for m in METHODS[:5] if m in want]:
+            for method in [m for m in ENGINE_METHODS if m in want]:
                 plan, k, mode, acc = plans[method]
                 eng = ForcedBatchAcceptance(target, pool, plan, k, fwd, max_batch=b, max_pages=len(pages[0]),
                                             mode=mode, backend="triton", accepted_length=acc)
                 res = run_batched(eng, pages, prompt, args.steps)
-                kv = res["kv_read_all_layers"]
+                kv, draft_floor = res["kv_read_all_layers"], None
                 if method == "ar":
                     floor = ar_floor_ms
                 elif mode == "self":  # k sparse drafting forwards and one dense verification
                     floor = 1e3 * (k * (tb.weights + b * tb.kv_per_position * ctx * kv) + tb.weights
                                    + b * tb.kv_per_position * ctx) / bw
-                else:  # k draft forwards and one verification at the share read
-                    floor = 1e3 * (k * (db.weights + b * db.kv_per_position * ctx) + tb.weights
-                                   + b * tb.kv_per_position * ctx * kv) / bw
+                else:  # k draft forwards (the later k - 1 at the share they read) and one verification
+                    draft_floor = 1e3 * (k * db.weights + b * db.kv_per_position * ctx
+                                         * (1 + (k - 1) * res["draft_kv_read"])) / bw
+                    floor = draft_floor + 1e3 * (tb.weights + b * tb.kv_per_position * ctx * kv) / bw
                 row = base | {"method": method, "k": k or None, "accepted_length": acc if k else None,
                               "density": (args.self_density if mode == "self" else args.density)
-                              if method not in ("ar", "spec_dense") else None, **res, "floor_ms": floor,
+                              if method not in ("ar", "spec_dense") else None,
+                              "draft_density": args.draft_density if method == "specattn_sd" else None, **res,
+                              "floor_ms": floor, "draft_floor_ms": draft_floor,
                               "floor_fraction": floor / res["step_ms"],
                               "bytes_bound_speedup_over_ar": (acc if k else 1.0) / floor * ar_floor_ms}
                 rows.append(row)
@@ -279,12 +295,12 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| batch x context | method | tok/s | x ar | step ms | floor ms | floor/step | KV read | bound x ar | "
-          "draft / select / verify / accept / other ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| batch x context | method | tok/s | x ar | step ms | floor ms | floor/step | KV read | draft KV read | "
+          "bound x ar | draft / select / verify / accept / other ms | draft floor ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "tokens_per_second" not in r:
-            print(f"| {r['batch']} x {r['context']} | {r['method']} | {r.get('error')} | | | | | | | |")
+            print(f"| {r['batch']} x {r['context']} | {r['method']} | {r.get('error')} | | | | | | | | | |")
             continue
         split = r.get("split_ms")
         s = " / ".join(f"{split[p]:.2f}" for p in ("draft", "select", "verify", "accept", "other")) if split else "-"
@@ -292,7 +308,9 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['batch']} x {r['context']} | {r['method']} | {r['tokens_per_second']:.1f} | "
               f"{r.get('speedup_over_ar', 0):.2f} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
               f"{r['floor_ms'] / r['step_ms']:.2f} | {f'{kv:.3f}' if kv is not None else '-'} | "
-              f"{r.get('bytes_bound_speedup_over_ar', 1.0):.2f} | {s} |")
+              f"{f'{dkv:.3f}' if (dkv := r.get('draft_kv_read')) is not None else '-'} | "
+              f"{r.get('bytes_bound_speedup_over_ar', 1.0):.2f} | {s} | "
+              f"{f'{dfl:.2f}' if (dfl := r.get('draft_floor_ms')) else '-'} |")
 
 
 if __name__ == "__main__":
