@@ -11,11 +11,11 @@ Which paths implement which variants:
 
 - the recording function (calibration, :mod:`specattn_runtime.capture`) and the evaluation function
   (:mod:`pipelines.sparse_eval`): all of the above (torch, exact);
-- the runtime's eager loop with the torch backend (draft recording, sparse verification, plain forwards): all of
-  the above; a sparse layer never reads outside its window, whatever the selection;
-- the decode engine and the GPU kernels (Triton, FlashInfer): plain causal attention with any scaling, GQA down
-  to one KV head; sliding windows, soft-capping and sinks are refused by :func:`check_supported` before a model
-  runs (``engine="auto"`` takes the eager torch path for such models instead).
+- the runtime's eager loop and the decode engine with the torch or Triton backend (draft recording, sparse
+  verification, dense decoding, the Triton kernels' every mode): all of the above; a sparse layer never reads
+  outside its window, whatever the selection;
+- FlashInfer's block-sparse wrapper: plain causal attention with any scaling only; the variants are refused by
+  :func:`check_supported` (``variants=False``) before a model runs.
 
 Layer types other than full and sliding attention (chunked, linear, convolutional, state-space layers) are refused
 everywhere, with the model type and the feature in the message.
@@ -116,8 +116,8 @@ def layer_windows(config) -> list[int | None]:
 def check_supported(config, *, variants: bool, triton: bool = False) -> None:
     """Raise ``ValueError`` naming the model type and the feature if our attention would differ from the model's.
 
-    ``variants``: the path implements sliding windows, soft-capping and sinks (recording and evaluation do; the
-    runtime does not yet). ``triton``: also check the head dim against the kernels (powers of two, 16-256).
+    ``variants``: the path implements sliding windows, soft-capping and sinks (every path but FlashInfer's).
+    ``triton``: also check the head dim against the kernels (powers of two, 16-256).
     """
     cfg, name = _config_name(config)
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
@@ -129,10 +129,9 @@ def check_supported(config, *, variants: bool, triton: bool = False) -> None:
                          f"{cfg.attention_chunk_size}), which SpecAttn's attention does not implement")
     if not variants:
         for feature, value in model_features(cfg).items():
-            raise ValueError(f"model type {name!r} uses {feature} ({value}), which the decode engine and the GPU "
-                             "kernels do not implement yet; its output would differ from the model's. The eager loop "
-                             "with the torch backend (engine='eager', backend='torch'; what engine='auto' picks for "
-                             "such models), calibration and evaluation implement it")
+            raise ValueError(f"model type {name!r} uses {feature} ({value}), which FlashInfer's block-sparse "
+                             "wrapper does not implement; its output would differ from the model's. The torch and "
+                             "Triton backends (both engines), calibration and evaluation implement it")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if triton and (head_dim & (head_dim - 1) or not 16 <= head_dim <= 256):
         raise ValueError(f"model type {name!r} has head_dim {head_dim}; the kernels take powers of two in [16, 256]")

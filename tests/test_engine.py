@@ -123,16 +123,6 @@ def test_engine_through_triton_kernels():
     same_run(eager.generate(prompt, 8, k=3, eos_token_id=None), static.generate(prompt, 8, k=3, eos_token_id=None))
 
 
-def test_unsupported_attention_is_refused_by_name():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
-    m = MistralForCausalLM(cfg)
-    with pytest.raises(ValueError, match="'mistral' uses sliding-window attention"):
-        SpecAttnRuntime(make_artifact(n_t=2, n_d=2, dense=1), m, m, engine="static")
-
-
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_one_token_prompt(temperature):
     """Nothing cached before the first token: the engine's first draft forward feeds it twice at position 0."""

@@ -142,17 +142,14 @@ def test_evaluate_window_with_every_chunk_equals_dense(arch):
     ("gpt_oss-sinks", {"layer_types": ["full_attention"] * 3}, "attention sinks"),
     ("qwen2-window-layers", {}, "sliding-window attention"),
 ])
-def test_runtime_refuses_what_it_does_not_implement_by_name(arch, overrides, feature):
+def test_what_flashinfer_does_not_implement_is_refused_by_name(arch, overrides, feature):
     model_cls, cfg_cls, kw = ARCHS[arch]
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw, **overrides})
-    model = getattr(transformers, model_cls)(cfg)
-    model_type = cfg.model_type
-    art = make_artifact(n_t=3, n_d=3, dense=1)
-    for kw in (dict(engine="static"), dict(engine="eager", backend="triton")):
-        with pytest.raises(ValueError, match=f"model type '{model_type}' uses {feature}"):
-            SpecAttnRuntime(art, model, model, **kw)
-    check_supported(cfg, variants=True)  # calibration, evaluation and the eager torch loop take it
-    assert SpecAttnRuntime(art, model, model).engine == "eager"  # what "auto" picks for it
+    with pytest.raises(ValueError, match=f"model type '{cfg.model_type}' uses {feature}.*FlashInfer"):
+        check_supported(cfg, variants=False)
+    # every other path takes it: calibration, evaluation, both engines with the torch or Triton backend
+    # (tests/test_engine_variants.py)
+    check_supported(cfg, variants=True, triton=True)
 
 
 def exact_artifact():

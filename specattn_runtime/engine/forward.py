@@ -9,7 +9,13 @@ new tokens' (post-RoPE) query, key and value to one custom op, ``specattn::engin
    left in ``idx[:count]`` (device tensors; one list per layer, or one per KV head), and, on recording layers,
    adds the chunk-pooled attention mass to a score row (or one row per KV head) inside the attention kernel.
 
-Everything the op needs besides q/k/v comes from the :class:`ForwardContext` the engine activates around the
+The layer's attention variant travels as the op's own arguments, read from transformers' keywords by the
+attention function: ``window`` (sliding window, 0 = none; keys older than ``position - window + 1`` are never
+read, a sparse layer's selection is intersected with it), ``softcap`` (0 = none) and ``sinks`` (float ``[H]`` or
+None). They are per layer and fixed for a model (ints, floats, a parameter tensor), so a compiled forward bakes
+them in and the context stays per forward.
+
+Everything else the op needs besides q/k/v comes from the :class:`ForwardContext` the engine activates around the
 call, not from the op's arguments: the compiled forward is then independent of the cache capacity and of the
 context length, one CUDA graph serves every step, and ``torch.compile`` sees an opaque op (it fuses the rest of
 the layer around it). This is the pattern vLLM uses for its attention op.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -60,9 +67,10 @@ def active(ctx: ForwardContext):
 
 
 @torch.library.custom_op("specattn::engine_attention", mutates_args=())
-def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                     scale: float) -> torch.Tensor:
-    """query ``[1, H, Tq, D]``, key/value ``[1, Hkv, Tq, D]`` (new tokens) -> ``[1, Tq, H, D]``.
+def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float,
+                     window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """query ``[1, H, Tq, D]``, key/value ``[1, Hkv, Tq, D]`` (new tokens) -> ``[1, Tq, H, D]``; ``window`` /
+    ``softcap`` 0 mean none (the schema takes plain ints and floats), ``sinks`` float ``[H]`` or None.
 
     Writes the cache in place and reads the active context: both invisible to the compiler by design (see the
     module docstring), which is safe because every forward consumes the op's output.
@@ -70,8 +78,9 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if not _ACTIVE:
         raise RuntimeError("engine_attention runs only inside a decode-engine forward (no active ForwardContext)")
     ctx = _ACTIVE[-1]
+    variant = dict(window=window or None, softcap=softcap or None, sinks=sinks)
     if ctx.page_table is not None:
-        return _paged_attention(ctx, query, key, value, layer, scale)
+        return _paged_attention(ctx, query, key, value, layer, scale, variant)
     k_cache, v_cache = ctx.kv[layer]
     k_cache.index_copy_(2, ctx.write_pos, key)
     v_cache.index_copy_(2, ctx.write_pos, value)
@@ -82,16 +91,17 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         idx, count = sel if sel is not None else (None, None)
         out = sparse_attention_triton(query, k_cache, v_cache, idx, count, chunk_size=ctx.chunk_size, scale=scale,
                                       kv_lens=ctx.kv_len, record=rec, record_last_query=ctx.record_last_query,
-                                      **ctx.launch)
+                                      **variant, **ctx.launch)
     else:
         mask = indices_to_mask(*sel, n_chunks=sel[0].shape[-1]) if sel is not None else None
         out = attention_with_lengths_reference(query, k_cache, v_cache, ctx.kv_len, mask,
                                                chunk_size=ctx.chunk_size, scale=scale, record=rec,
-                                               record_last_query=ctx.record_last_query)
+                                               record_last_query=ctx.record_last_query, **variant)
     return out.transpose(1, 2).contiguous()
 
 
-def _paged_attention(ctx: ForwardContext, query, key, value, layer: int, scale: float) -> torch.Tensor:
+def _paged_attention(ctx: ForwardContext, query, key, value, layer: int, scale: float,
+                     variant: dict) -> torch.Tensor:
     """``engine_attention`` over a paged pool: B sequences of ragged lengths, each through its page table."""
     k_pool, v_pool = ctx.kv[layer]
     b, hkv, tq, d = key.shape
@@ -105,7 +115,7 @@ def _paged_attention(ctx: ForwardContext, query, key, value, layer: int, scale: 
         idx, count = sel if sel is not None else (None, None)
         out = sparse_attention_triton(query, k_pool, v_pool, idx, count, chunk_size=ctx.chunk_size, scale=scale,
                                       page_table=ctx.page_table, kv_lens=ctx.kv_len, record=rec,
-                                      record_last_query=ctx.record_last_query, **ctx.launch)
+                                      record_last_query=ctx.record_last_query, **variant, **ctx.launch)
     else:  # the reference: every sequence's pages gathered to its full page-table capacity (static shapes)
         page = k_pool.shape[1]
         rows = (ctx.page_table.long()[:, :, None] * page + torch.arange(page, device=key.device)).flatten(1)
@@ -113,12 +123,13 @@ def _paged_attention(ctx: ForwardContext, query, key, value, layer: int, scale: 
         v_all = v_pool.view(flat)[rows].transpose(1, 2)
         mask = indices_to_mask(*sel, n_chunks=sel[0].shape[-1]) if sel is not None else None
         out = attention_with_lengths_reference(query, k_all, v_all, ctx.kv_len, mask, chunk_size=ctx.chunk_size,
-                                               scale=scale, record=rec, record_last_query=ctx.record_last_query)
+                                               scale=scale, record=rec, record_last_query=ctx.record_last_query,
+                                               **variant)
     return out.transpose(1, 2).contiguous()
 
 
 @engine_attention.register_fake
-def _(query, key, value, layer, scale):
+def _(query, key, value, layer, scale, window=0, softcap=0.0, sinks=None):
     b, h, t, _ = query.shape
     return query.new_empty(b, t, h, value.shape[-1])
 

@@ -1,0 +1,105 @@
+"""The decode engine on attention variants, on a GPU (skipped without one): every phase captured as a CUDA graph,
+the Triton kernels taking each layer's window, soft-cap and sinks, against the eager loop token for token and,
+with every chunk read (p = 1, no dense shortcut), against transformers' own greedy decoding (eager attention).
+
+Models: tests/test_variants.py's random-weight architectures in float32 (Mistral, Qwen2 with window layers,
+Gemma 2 with soft-capping and head_dim 256, Gemma 3 with one KV head, GPT-OSS with sinks) with windows of 100 and
+37 keys (window starts fall inside chunks) and prompts of 600 tokens, so the kernels skip whole chunks.
+Token-for-token comparisons run at p = 1 (why p < 1 cannot be compared on a GPU: tests/test_engine_gpu.py).
+"""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from test_engine import noisy_copy
+from test_variants import ARCHS, COMMON, exact_artifact
+from specattn_runtime import SpecAttnRuntime, hooks
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+WINDOWS = {"mistral-window-1kv": 100, "qwen2-window-layers": 37, "gemma2-softcap-d256": 100, "gemma3-1kv": 37,
+           "gpt_oss-sinks": 100}
+N_PROMPT = 600
+_MODELS: dict = {}
+
+
+def models(arch: str):
+    """(reference under transformers' eager attention, draft, target under the runtime's) on CUDA."""
+    if arch not in _MODELS:
+        model_cls, cfg_cls, kw = ARCHS[arch]
+        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw, "sliding_window": WINDOWS[arch]})
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        ref = getattr(transformers, model_cls)(cfg).eval()
+        with torch.no_grad():  # as tests/test_variants.py: random sinks and norms, or random models repeat a token
+            for layer in ref.model.layers:
+                if hasattr(layer.self_attn, "sinks"):
+                    layer.self_attn.sinks.normal_()
+            for name, p in ref.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(1.0 if p.mean() > 0.5 else 0.0, 0.5)
+        ref = ref.cuda()
+        target = copy.deepcopy(ref)
+        target.set_attn_implementation(hooks.register())
+        _MODELS[arch] = (ref, noisy_copy(target, 0.05, 1), target)
+    return _MODELS[arch]
+
+
+def prompt(seed: int = 3) -> list[int]:
+    return torch.randint(0, 128, (N_PROMPT,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(ref, ids: list[int], n: int) -> list[int]:
+    t = torch.tensor([ids], device="cuda")
+    with torch.no_grad():
+        return ref.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+
+
+def artifact(mode: str = "draft"):
+    art = exact_artifact()  # p = 1 on every layer, layer 0 dense
+    return art if mode == "draft" else dataclasses.replace(art, metadata={**art.metadata, "mode": "self"})
+
+
+@pytest.mark.parametrize("arch", list(WINDOWS))
+def test_graphs_equal_eager_loop(arch):
+    _, draft, target = models(arch)
+    art, ids = artifact(), prompt()
+    eager = SpecAttnRuntime(art, draft, target, engine="eager", exact_dense_shortcut=False)
+    static = SpecAttnRuntime(art, draft, target, engine="static", compile=False, exact_dense_shortcut=False)
+    assert static.backend == "triton"
+    for k in (1, 4):
+        for temperature in (0.0, 0.8):
+            kw = dict(k=k, temperature=temperature, seed=5, eos_token_id=None)
+            a, b = eager.generate(ids, 32, **kw), static.generate(ids, 32, **kw)
+            assert b.stats.engine == "static" and b.stats.time_capture > 0
+            assert a.tokens == b.tokens, f"{arch} k={k} T={temperature}: {a.tokens} vs {b.tokens}"
+            assert a.stats.accepted_hist == b.stats.accepted_hist
+
+
+@pytest.mark.parametrize("arch", list(WINDOWS))
+def test_compiled_graphs_with_every_chunk_equal_transformers_greedy(arch):
+    ref, draft, target = models(arch)
+    ids = prompt(4)
+    want = greedy(ref, ids, 40)
+    rt = SpecAttnRuntime(artifact(), draft, target, engine="static", compile=True, exact_dense_shortcut=False)
+    assert rt.engine == "static"  # "auto" on CUDA: no fallback to the eager loop
+    assert rt.generate(ids, 40, k=4, eos_token_id=None).tokens == want
+    assert rt.generate(ids, 40, k=0, eos_token_id=None).tokens == want
+    self_rt = SpecAttnRuntime(artifact("self"), None, target, engine="static", compile=True,
+                              exact_dense_shortcut=False)
+    assert self_rt.generate(ids, 40, k=4, eos_token_id=None).tokens == want
+
+
+@pytest.mark.parametrize("arch", ["gemma3-1kv", "gpt_oss-sinks"])
+def test_sparse_self_speculation_stays_lossless(arch):
+    """Sparse drafting (p = 0.3) inside the windows, captured: still the model's greedy tokens."""
+    ref, _, target = models(arch)
+    art = dataclasses.replace(artifact("self"), top_p=torch.tensor([1.0, 0.3, 0.3]))
+    ids = prompt(5)
+    rt = SpecAttnRuntime(art, None, target, engine="static", compile=False, exact_dense_shortcut=False)
+    assert rt.generate(ids, 40, k=4, eos_token_id=None).tokens == greedy(ref, ids, 40)
