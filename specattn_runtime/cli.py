@@ -1,4 +1,5 @@
-"""``specattn generate``: stream text from a prompt file with sparse speculative decoding.
+"""``specattn generate``: stream text from a prompt file with sparse speculative decoding; ``specattn serve``: the
+same runtime behind an OpenAI-compatible HTTP server (``specattn_runtime/serve``).
 
 ``--artifact`` of mode ``draft`` needs ``--draft`` and ``--target``; of mode ``self`` (the target drafts for itself
 with sparse attention, lossless), ``--target`` alone.
@@ -41,27 +42,45 @@ def read_prompt(path: str) -> str:
                          f"({e.reason}); convert it, e.g. iconv -t UTF-8") from None
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """What both commands need to load a runtime."""
+    p.add_argument("--artifact", required=True, help="calibration artifact (.safetensors)")
+    p.add_argument("--draft", help="draft model directory (mode 'draft' artifacts; a mode 'self' artifact takes "
+                   "none: the target drafts for itself)")
+    p.add_argument("--target", required=True, help="target model directory")
+    p.add_argument("--backend", default="auto", choices=validate.BACKENDS,
+                   help="sparse attention backend (auto: triton on CUDA, torch elsewhere)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--allow-mismatch", action="store_true", help="accept models whose hashes differ")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="specattn")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text with SpecAttn")
-    g.add_argument("--artifact", required=True, help="calibration artifact (.safetensors)")
-    g.add_argument("--draft", help="draft model directory (mode 'draft' artifacts; a mode 'self' artifact takes "
-                   "none: the target drafts for itself)")
-    g.add_argument("--target", required=True, help="target model directory")
+    _model_args(g)
     g.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt ('-' for stdin)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--k", type=int, default=6, help="drafted tokens per verification (0: the target alone)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of tokens (not KV selection)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--backend", default="auto", choices=validate.BACKENDS,
-                   help="sparse attention backend (auto: triton on CUDA, torch elsewhere)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--engine", default="auto", choices=validate.ENGINES,
                    help="static: preallocated caches + CUDA graphs (default on CUDA); eager: the reference loop")
-    g.add_argument("--allow-mismatch", action="store_true", help="accept models whose hashes differ")
-    g.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+    s = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) with "
+                       "continuous batching")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--k", type=int, default=6, help="drafted tokens per step (0: the target alone)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded in one step")
+    s.add_argument("--kv-memory-gb", type=float, help="GiB of K/V in the paged pool (both models; default: 85%% "
+                   "of the free GPU memory on CUDA, 1 on the CPU)")
+    s.add_argument("--max-model-len", type=int, help="longest prompt + generation (default: the models' context "
+                   "on CUDA, 2048 on the CPU, whose attention reads the whole page table every step)")
+    s.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
+    s.add_argument("--served-model-name", help="the model name clients send (default: the target's directory)")
     return ap
 
 
@@ -93,10 +112,33 @@ def _generate(args: argparse.Namespace) -> None:
     print(json.dumps(out.stats.summary(), indent=1), file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    validate.generation(1, args.k, 0.0, 1.0, None, None, None)
+    for name in ("max_batch", "max_waiting", "port"):
+        validate._integer(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    dev = validate.device(args.device)
+    validate.kernels(args.backend, "auto", "auto", dev)
+    try:
+        from .serve import create_app, run
+    except ImportError as e:
+        raise ValueError(f"specattn serve needs the serve extra ({e.name} is missing): pip install "
+                         "'specattn[serve]'") from None
+    from .runtime import SpecAttnRuntime
+
+    rt = SpecAttnRuntime.from_artifact(args.artifact, draft=args.draft, target=args.target, device=args.device,
+                                       backend=args.backend, allow_mismatch=args.allow_mismatch)
+    on_cpu = dev.type == "cpu"
+    max_len = args.max_model_len or (min(2048, rt.context_limit(args.k)) if on_cpu else None)
+    app = create_app(rt, model_name=args.served_model_name or Path(args.target).name, k=args.k,
+                     max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb or (1.0 if on_cpu else None),
+                     max_model_len=max_len, max_waiting=args.max_waiting)
+    run(app, args.host, args.port)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        _generate(args)
+        (_serve if args.cmd == "serve" else _generate)(args)
     except KeyboardInterrupt:
         sys.stderr.write("specattn: interrupted\n")
         sys.exit(130)

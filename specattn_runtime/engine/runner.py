@@ -41,6 +41,7 @@ class BatchRunner:
         self.n_draft_layers = len(pool.kv["draft"]) if "draft" in pool.kv else 0
         self.roles = ("target", "draft") if k and mode == "draft" else ("target",)
         self.step_seconds = 0.0  # device time of the decode steps (all sequences together)
+        self.prefill_seconds = 0.0  # time of the prefills (a server's idle share counts both as busy)
         self.steps = 0
 
     def add(self, seq: Sequence) -> None:
@@ -66,6 +67,7 @@ class BatchRunner:
                                   seed=seq.seed, temperature=seq.temperature, top_p=seq.top_p)
             seq.stats.time_prefill = time.perf_counter() - t0
             seq.stats.engine = "batched"
+            self.prefill_seconds += seq.stats.time_prefill
 
     def step(self) -> list[Sequence]:
         """Admit what fits, run one step of every running sequence, finish those that are done; returns them."""
