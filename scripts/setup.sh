@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up SpecAttn on a fresh machine (python3 + pip, nothing else): a virtual environment in .venv, the project
-# with its calibrate and dev extras, and the shipped models and texts (fetched, verified, converted once).
+# with its calibrate, serve and dev extras, and the shipped models and texts (fetched, verified, converted once).
 # Idempotent: a second run checks and returns in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$stamp" ]; then
     "$VPY" -m pip install --quiet --upgrade pip
     # Exactly this torch when none is present: a local CPU wheel here; an unpinned torch pulls a multi-GB CUDA build.
     "$VPY" -c "import torch" 2>/dev/null || "$VPY" -m pip install --quiet "torch==2.13.0"
-    "$VPY" -m pip install --quiet -e ".[calibrate,dev]"
+    "$VPY" -m pip install --quiet -e ".[calibrate,serve,dev]"
     echo "$stamp" > .venv/.setup-stamp
 fi
 
