@@ -1,7 +1,8 @@
 """The ``calibrate`` flow: a draft/target pair and a text corpus in, a validated SpecAttn artifact out.
 
 load corpus -> collect attention (draft, target; calibration and holdout) -> KL matrix -> monotone alignment ->
-per-layer top-p -> holdout check (recall, KV read, sparse perplexity) -> atomic artifact write + ``latest`` -> Prefect markdown/table artifacts.
+per-layer top-p -> the draft's own p for sparse drafting (acceptance measured teacher-forced) -> holdout check
+(recall, KV read, sparse perplexity) -> atomic artifact write + ``latest`` -> Prefect markdown/table artifacts.
 
 Run it once: ``python -m pipelines.calibrate --preset quick`` (or any flow parameter as ``--name value``).
 As a deployment: see :mod:`pipelines.deployments` and the README.
@@ -40,7 +41,9 @@ def check_params(preset: str | None = "quick", draft: str | None = None, target:
                  global_p: float | None = None, window_tokens: int = 1024, num_windows: int = 16,
                  holdout_windows: int = 4, queries_per_window: int = 64, dense_layers: int = 2,
                  dask_address: str | None = None, workers: int = 0, windows_per_shard: int = 8,
-                 dask_resources: dict | None = None, mode: str = "draft", draft_k: int = 4, **_) -> None:
+                 dask_resources: dict | None = None, mode: str = "draft", draft_k: int = 4,
+                 sparse_draft: bool = True, draft_acceptance_budget: float = 0.05, draft_dense_layers: int = 0,
+                 **_) -> None:
     """The flow's parameters, checked without a Prefect server or a model: the flow calls it first, and
     ``python -m pipelines.calibrate`` calls it before it starts the flow (a typo costs no server start-up)."""
     if mode not in MODES:
@@ -79,6 +82,19 @@ def check_params(preset: str | None = "quick", draft: str | None = None, target:
     if dense_layers < 0:
         raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
     check_cluster_params(dask_address, workers, windows_per_shard, dask_resources)
+    if mode == "draft" and sparse_draft:
+        if not 0.0 <= draft_acceptance_budget < 1.0:
+            raise ValueError("draft_acceptance_budget (the share of the dense draft's accepted length sparse "
+                             f"drafting may lose) must lie in [0, 1), got {draft_acceptance_budget}; "
+                             "sparse_draft=False drafts densely")
+        if draft_dense_layers < 0:
+            raise ValueError(f"draft_dense_layers must be >= 0, got {draft_dense_layers}")
+        if draft_k < 2:
+            raise ValueError(f"draft_k (tokens drafted per step, which sparse drafting is tuned for) must be >= 2 "
+                             f"(one dense forward, then sparse ones), got {draft_k}")
+        from .self_tuning import region_size
+
+        region_size(window_tokens, queries_per_window, draft_k)
 
 
 def _writable_dir(path: str | Path) -> Path:
@@ -123,6 +139,9 @@ def calibrate(
     dask_resources: dict[str, float] | None = None,
     mode: str = "draft",
     draft_k: int = 4,
+    sparse_draft: bool = True,
+    draft_acceptance_budget: float = 0.05,
+    draft_dense_layers: int = 0,
 ) -> str:
     """Calibrate a draft/target pair (or, ``mode="self"``, one model); return the path of the artifact written
     (or reused).
@@ -164,12 +183,23 @@ def calibrate(
         (:mod:`pipelines.calibrate_self`; ``recall_budget`` and the Dask options do not apply). Artifacts go to
         ``<output_dir>/<preset or model>-self/``.
     draft_k : int
-        Mode ``self``: tokens drafted per verification the budgets are tuned for.
+        Tokens drafted per verification the budgets are tuned for (mode ``self``; mode ``draft``: sparse drafting).
+    sparse_draft : bool
+        Mode ``draft``: also tune the draft's own per-layer p (``draft_top_p``): after each step's first, dense draft
+        forward, its sparse layers read only the top-p chunks of that forward's attention
+        (:mod:`pipelines.draft_tuning`). ``False`` writes no ``draft_top_p`` (the draft reads densely).
+    draft_acceptance_budget : float
+        Share of the dense draft's greedy accepted length (teacher-forced, against the target's tokens) sparse
+        drafting may lose; the candidate reading the least draft KV within it is chosen.
+    draft_dense_layers : int
+        Leading draft layers that always draft densely (default none: on the quick pair a dense layer 0 kept the
+        same share of the dense draft's tokens and read 6-7 points more of the KV on the sparse forwards; the
+        recall targets already give it a higher p).
     """
     log = get_run_logger()
     check_params(preset, draft, target, corpus, chunk_size, recall_budget, global_p, window_tokens, num_windows,
                  holdout_windows, queries_per_window, dense_layers, dask_address, workers, windows_per_shard,
-                 dask_resources, mode, draft_k)
+                 dask_resources, mode, draft_k, sparse_draft, draft_acceptance_budget, draft_dense_layers)
     out_root = _writable_dir(output_dir)
     if mode == "self":
         from .calibrate_self import calibrate_self
@@ -191,6 +221,8 @@ def calibrate(
     n_t, n_d = models["target"]["n_layers"], models["draft"]["n_layers"]
     if dense_layers > n_t:
         raise ValueError(f"dense_layers={dense_layers} exceeds the target's {n_t} layers")
+    if sparse_draft and draft_dense_layers > n_d:
+        raise ValueError(f"draft_dense_layers={draft_dense_layers} exceeds the draft's {n_d} layers")
     max_pos = json.loads((Path(target_dir) / "config.json").read_text()).get("max_position_embeddings")
     if max_pos and window_tokens > max_pos:
         raise ValueError(f"window_tokens={window_tokens} exceeds the target's context of {max_pos} tokens")
@@ -204,6 +236,9 @@ def calibrate(
     # they were, and so is the fingerprint of an artifact already calibrated on them.
     if corpus_info["window_prefix"]:
         params["window_prefix"] = corpus_info["window_prefix"]
+    if sparse_draft:  # without it the artifact is what it was, and so is its fingerprint
+        params |= dict(sparse_draft=True, draft_k=draft_k, draft_acceptance_budget=draft_acceptance_budget,
+                       draft_dense_layers=draft_dense_layers)
     fingerprint = hashlib.sha256(json.dumps(
         [models["draft"]["weights_hash"], models["target"]["weights_hash"], models["draft"]["config_hash"],
          models["target"]["config_hash"], corpus_info["sha256"], params, SCHEMA_VERSION], sort_keys=True
@@ -232,10 +267,18 @@ def calibrate(
                     layer_map, heads["head_map"], recall_budget, global_p, chunk_size)
     holdout_h = timed("evaluate", T.evaluate_holdout_heads, rows["target", "holdout"], rows["draft", "holdout"],
                       layer_map, heads["head_map"], tuned_h["top_p"], chunk_size)
+    # Sparse drafting: the draft's own p, per KV head as the runtime selects with this (per-head) artifact,
+    # tuned on accepted length against the target's tokens (teacher-forced).
+    drafting = timed("tune_draft_top_p", T.tune_draft_top_p, models, corpus_info["file"], draft_k,
+                     queries_per_window, chunk_size, draft_dense_layers, draft_acceptance_budget) \
+        if sparse_draft else None
     # Recall is the tuning objective; perplexity (teacher-forced sparse passes on the holdout) is the check.
     holdout |= timed("evaluate", holdout_perplexity, draft_dir, target_dir, corpus_info["path"], layer_map,
-                     tuned["top_p"], chunk_size, head_map=heads["head_map"], top_p_head=tuned_h["top_p"])
+                     tuned["top_p"], chunk_size, head_map=heads["head_map"], top_p_head=tuned_h["top_p"],
+                     draft_top_p=drafting["top_p"] if drafting else None, draft_k=draft_k)
     holdout["per_head"] = {k: v for k, v in holdout_h.items() if not k.endswith("per_layer")}
+    if drafting:
+        holdout["sparse_draft"] = drafting["holdout"]
 
     t0 = time.perf_counter()
     art = Artifact(
@@ -244,6 +287,7 @@ def calibrate(
         kl=torch.tensor(kl, dtype=torch.float32),
         head_map=torch.tensor(heads["head_map"], dtype=torch.int32),
         top_p_head=torch.tensor(tuned_h["top_p"], dtype=torch.float32),
+        draft_top_p=torch.tensor(drafting["top_p"], dtype=torch.float32) if drafting else None,
         metadata={
             "format": FORMAT, "schema_version": str(SCHEMA_VERSION), "mode": "draft",
             "chunk_size": str(chunk_size), "dense_layers": str(dense_layers),
@@ -260,7 +304,8 @@ def calibrate(
                                      "queries_per_window": queries_per_window, "alignment_cost": aligned["cost"],
                                      "head_alignment_cost": heads["cost"],
                                      "calibration_recall": tuned["recall"],
-                                     "calibration_kv_fraction": tuned["kv_fraction"]}),
+                                     "calibration_kv_fraction": tuned["kv_fraction"],
+                                     "sparse_draft": _draft_objective(drafting)}),
             "holdout_quality": json.dumps(holdout),
             "input_fingerprint": fingerprint,
             **window_metadata(corpus_info["window_prefix"]),
@@ -275,6 +320,7 @@ def calibrate(
             "holdout_kv_fraction": torch.tensor(holdout["kv_fraction_per_layer"]),
             "holdout_recall_head": torch.tensor(holdout_h["recall_per_layer"]),
             "holdout_kv_fraction_head": torch.tensor(holdout_h["kv_fraction_per_layer"]),
+            **_draft_curves(drafting, n_d),
         },
     )
     pair_dir.mkdir(parents=True, exist_ok=True)
@@ -287,6 +333,33 @@ def calibrate(
     _publish(pair, path, layer_map, tuned, holdout, timings)
     log.info("artifact written: %s (%d bytes)", path, path.stat().st_size)
     return str(path)
+
+
+def _draft_objective(drafting: dict | None) -> dict | None:
+    """The ``objective`` entry of sparse drafting: the rule, its budget and the chosen candidate (calibration
+    split); every candidate's numbers are in the ``draft_*`` curves."""
+    if drafting is None:
+        return None
+    cal = drafting["calibration"]
+    chosen = cal["candidates"][drafting["best"]]
+    brief = lambda r: {k: v for k, v in r.items() if not k.endswith("per_layer") and k != "top_p"}  # noqa: E731
+    return {"kind": "accepted_length_vs_dense_draft", "budget": drafting["budget"], "k": drafting["k"],
+            "per_head": drafting["per_head"], "dense_layers": drafting["dense_layers"],
+            "region_queries": drafting["n_region"], "recall_target": chosen["recall_target"],
+            "calibration_dense": brief(cal["dense"]), "calibration_chosen": brief(chosen)}
+
+
+def _draft_curves(drafting: dict | None, n_d: int) -> dict[str, torch.Tensor]:
+    """Report curves of sparse drafting: per draft layer and p of ``P_GRID``, the sparse forwards' recall of their
+    own attention and the keys they read (dense layers: 1); per candidate, accepted length, KV read and p."""
+    if drafting is None:
+        return {}
+    cands, g = drafting["calibration"]["candidates"], len(T.P_GRID)
+    pad = lambda rows: torch.tensor([[1.0] * g] * (n_d - len(rows)) + rows, dtype=torch.float32)  # noqa: E731
+    return {"draft_recall": pad(drafting["curves"]["recall"]), "draft_kv_fraction": pad(drafting["curves"]["read"]),
+            "draft_candidate_accepted_length": torch.tensor([c["mean_accepted_length"] for c in cands]),
+            "draft_candidate_kv_read": torch.tensor([c["draft_kv_read_all_layers"] for c in cands]),
+            "draft_candidate_top_p": torch.tensor([c["top_p"] for c in cands], dtype=torch.float32)}
 
 
 def _publish(pair: str, path: Path, layer_map: list[int], tuned: dict, holdout: dict,
@@ -307,10 +380,27 @@ def _publish(pair: str, path: Path, layer_map: list[int], tuned: dict, holdout: 
           f"({holdout['perplexity_increase']:+.2%})",
           f"- per-KV-head selection: KV reduction {holdout['per_head']['kv_reduction_all_layers']:.1%} of all layers, "
           f"recall {holdout['per_head']['mean_recall_sparse_layers']:.4f}, perplexity "
-          f"{holdout['perplexity_sparse_head']:.3f} ({holdout['perplexity_increase_head']:+.2%})", "",
+          f"{holdout['perplexity_sparse_head']:.3f} ({holdout['perplexity_increase_head']:+.2%})",
+          *_draft_lines(holdout), "",
           "| step | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in timings.items()]]
     create_markdown_artifact("\n".join(md), key="specattn-calibration", description=f"Calibration of {pair}")
     print("\n".join(md))
+
+
+def _draft_lines(holdout: dict) -> list[str]:
+    sd = holdout.get("sparse_draft")
+    if sd is None:
+        return []
+    d, s = sd["dense"], sd["sparse"]
+    lines = [f"- sparse drafting (holdout, teacher-forced, k = {d['k']}): accepted length "
+             f"{s['mean_accepted_length']:.3f} vs {d['mean_accepted_length']:.3f} dense-drafted "
+             f"({sd['accepted_length_ratio']:.1%}); the draft reads {s['draft_kv_read_all_layers']:.1%} of its KV "
+             f"({s['draft_kv_read_sparse_forwards']:.1%} on its sparse forwards)"]
+    if "perplexity_sparse_sparse_draft" in holdout:
+        lines.append(f"- target perplexity with the sparse draft's selections: "
+                     f"{holdout['perplexity_sparse_sparse_draft']:.3f} "
+                     f"({holdout['perplexity_increase_sparse_draft']:+.2%})")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,7 +408,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--mode", choices=MODES, help="draft (default): a draft/target pair; self: the target drafts "
                     "for itself")
-    ap.add_argument("--draft-k", type=int, help="mode self: tokens drafted per verification (default 4)")
+    ap.add_argument("--draft-k", type=int, help="tokens drafted per verification the budgets are tuned for "
+                    "(default 4)")
+    ap.add_argument("--no-sparse-draft", dest="sparse_draft", action="store_false", default=None,
+                    help="mode draft: no draft_top_p (the draft reads its whole cache)")
+    ap.add_argument("--draft-acceptance-budget", type=float,
+                    help="share of the dense draft's accepted length sparse drafting may lose (default 0.05)")
+    ap.add_argument("--draft-dense-layers", type=int, help="leading draft layers that draft densely (default 0)")
     ap.add_argument("--draft")
     ap.add_argument("--target")
     ap.add_argument("--corpus")

@@ -2,8 +2,8 @@
 cache on the inputs; expensive results are written as safetensors under the work directory and passed as
 :class:`~pipelines.file_results.FileRef` (path, size, sha256), which the cache checks before it reuses them.
 
-The pure logic lives in :mod:`pipelines.corpus`, :mod:`pipelines.attention_stats`, :mod:`pipelines.alignment` and
-:mod:`pipelines.topp_tuning`; these wrappers add I/O, caching, retries and logging.
+The pure logic lives in :mod:`pipelines.corpus`, :mod:`pipelines.attention_stats`, :mod:`pipelines.alignment`,
+:mod:`pipelines.topp_tuning` and :mod:`pipelines.draft_tuning`; these wrappers add I/O, caching, retries and logging.
 """
 
 from __future__ import annotations
@@ -259,3 +259,42 @@ def _holdout_summary(recall: list[float], kv: list[float], layer_map: list[int])
         "kv_reduction_sparse_layers": 1 - mean([kv[j] for j in sparse]),
         "kv_reduction_all_layers": 1 - mean(kv),
     }
+
+
+DRAFT_TEMPERATURES = (1.0,)  # rejection sampling's acceptance reported beside greedy (tuning uses greedy)
+
+
+@task(**CACHED)
+def tune_draft_top_p(models: dict, windows: FileRef, draft_k: int, queries_per_window: int, chunk_size: int,
+                     draft_dense_layers: int, budget: float, per_head: bool = True) -> dict:
+    """Sparse drafting: the draft's own p per layer (:func:`pipelines.draft_tuning.tune_draft`) on the calibration
+    windows, then dense and sparse drafting measured again on the holdout windows. Keyed on the models' hashes and
+    the windows file's content (a :class:`FileRef`); the result is numbers only."""
+    from specattn_runtime.models import load_causal_lm
+
+    from . import draft_tuning as D
+    from . import self_tuning as S
+
+    draft = load_causal_lm(models["draft"]["path"], role="draft", attn_implementation=S.register())
+    target = load_causal_lm(models["target"]["path"], role="target")
+    n_d = draft.config.num_hidden_layers
+    win = load_file(windows)
+    n_region = S.region_size(win["calibration"].shape[1], queries_per_window, draft_k)
+
+    def passes(split: str) -> list:
+        return [D.draft_window(draft, target, w, n_region, draft_k, list(range(n_d)), chunk_size)
+                for w in win[split]]
+
+    tuned = D.tune_draft(draft, passes("calibration"), n_d, draft_dense_layers, P_GRID, budget, per_head,
+                         DRAFT_TEMPERATURES, progress=False)
+    hold = passes("holdout")
+    ps = dict(enumerate(tuned["top_p"]))
+    summary = lambda top_p: D.summarize(D.measure(draft, hold, n_d, top_p, per_head, DRAFT_TEMPERATURES),  # noqa: E731
+                                        draft_k, n_d)
+    dense_h, sparse_h = summary(None), summary(ps if min(ps.values()) < 1.0 else None)
+    return {"top_p": tuned["top_p"], "best": tuned["best"], "n_region": n_region, "k": draft_k,
+            "per_head": per_head, "dense_layers": draft_dense_layers, "budget": budget,
+            "calibration": {"dense": tuned["dense"], "candidates": tuned["candidates"]},
+            "holdout": {"dense": dense_h, "sparse": sparse_h,
+                        "accepted_length_ratio": sparse_h["mean_accepted_length"] / dense_h["mean_accepted_length"]},
+            "curves": {"recall": tuned["recall"].tolist(), "read": tuned["read"].tolist()}}

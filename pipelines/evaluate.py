@@ -9,7 +9,10 @@ protocol and the teacher-forced passes are in :mod:`pipelines.sparse_eval`; the 
   with the artifact's calibrated per-layer p;
 - curves (``--quick`` skips them): calibrated SpecAttn with matched StreamingLLM / Quest at further recall
   budgets, whose per-layer p is read off the artifact's calibration recall curves (:func:`p_for_recall`), plus
-  global p = 0.9.
+  global p = 0.9;
+- with an artifact that drafts sparsely (``draft_top_p``, schema 3): calibrated SpecAttn (per layer, and per KV
+  head where the artifact has a head map) again, its selections taken from the rows the sparse draft records, beside
+  the dense-draft rows (the draft's k: the one its p were tuned for).
 
 Run: ``python -m pipelines.evaluate`` (see ``--help``); ``bash scripts/evaluate.sh`` sets everything up first.
 """
@@ -17,6 +20,7 @@ Run: ``python -m pipelines.evaluate`` (see ``--help``); ``bash scripts/evaluate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -43,7 +47,8 @@ from .collect import annotate, check_cluster_params, parse_resources, task_runne
 from .eval_text import evaluation_windows, load_books
 from .file_results import CACHED
 from .presets import check_pair, resolve_pair
-from .sparse_eval import GROUP_CALIBRATED, GROUP_GLOBAL, GROUP_HEAD_CALIBRATED, GROUP_HEAD_GLOBAL, Method
+from .sparse_eval import (GROUP_CALIBRATED, GROUP_GLOBAL, GROUP_HEAD_CALIBRATED, GROUP_HEAD_GLOBAL,
+                          GROUP_HEAD_SPARSE_DRAFT, GROUP_SPARSE_DRAFT, Method)
 
 DEFAULT_GLOBAL_P = (0.95, 0.97, 0.99)
 DEFAULT_CURVE_BUDGETS = (0.85, 0.98)
@@ -105,6 +110,7 @@ def build_methods(art: Artifact, global_p: tuple[float, ...], curve_budgets: tup
     if art.per_head:  # the per-head curve only in full runs (three passes per p and text)
         curve = () if quick else tuple(set(HEAD_CURVE_P) | set(global_p))
         methods += per_head_methods(art, own_budget, global_p, curve)
+    methods += sparse_draft_methods(art, own_budget)
     sweep = sorted(set(global_p) | (set() if quick else {0.9}))
     methods += [Method(f"specattn-p{p:g}", "specattn", dense_p(p), group=GROUP_GLOBAL, x=p, in_table=p in global_p)
                 for p in (global_p if quick else sweep)]
@@ -133,6 +139,27 @@ def per_head_methods(art: Artifact, own_budget: float, global_p: tuple[float, ..
             Method(f"streaming-head-spec-{tag}", "streaming", match=name,
                    group="StreamingLLM at per-head SpecAttn KV", x=x, in_table=row),
         ]
+    return methods
+
+
+def draft_k_of(art: Artifact) -> int:
+    """Drafts per step the artifact's ``draft_top_p`` were tuned for (4 where the objective does not say)."""
+    return int((art.info("objective").get("sparse_draft") or {}).get("k", 4))
+
+
+def sparse_draft_methods(art: Artifact, own_budget: float) -> list[Method]:
+    """Calibrated SpecAttn with the selections the sparse draft records (per layer, and per KV head with a head
+    map), when some draft layer of the artifact reads sparsely; none otherwise."""
+    if not art.sparse_draft:
+        return []
+    dp, k = tuple(art.draft_top_p.tolist()), draft_k_of(art)
+    methods = [Method(f"specattn-cal-r{own_budget:g}-sparse-draft", "specattn", tuple(art.top_p.tolist()),
+                      group=GROUP_SPARSE_DRAFT, x=own_budget, in_table=True, draft_top_p=dp, draft_k=k)]
+    if art.per_head:
+        methods.append(Method(f"specattn-head-cal-r{own_budget:g}-sparse-draft", "specattn_head",
+                              head_map=tuple(map(tuple, art.head_map.tolist())),
+                              top_p_head=tuple(map(tuple, art.top_p_head.tolist())), group=GROUP_HEAD_SPARSE_DRAFT,
+                              x=own_budget, in_table=True, draft_top_p=dp, draft_k=k))
     return methods
 
 
@@ -203,9 +230,11 @@ def evaluate_sharded(draft_dir: str, target_dir: str, windows: torch.Tensor, lay
 @task
 def holdout_perplexity(draft_dir: str, target_dir: str, windows_path: str, layer_map: list[int],
                        top_p: list[float], chunk_size: int, prefill_fraction: float = 0.1,
-                       head_map: list[list[int]] | None = None, top_p_head: list[list[float]] | None = None) -> dict:
+                       head_map: list[list[int]] | None = None, top_p_head: list[list[float]] | None = None,
+                       draft_top_p: list[float] | None = None, draft_k: int = 4) -> dict:
     """Dense vs calibrated SpecAttn perplexity on the calibration holdout (what ``calibrate`` records); with a
-    head map, per-head selection too (keys ending in ``_head``)."""
+    head map, per-head selection too (keys ending in ``_head``); with ``draft_top_p`` (some p < 1), the same with
+    the selections the sparse draft records (keys with ``sparse_draft``)."""
     from safetensors.torch import load_file
 
     windows = load_file(windows_path)["holdout"]
@@ -213,6 +242,10 @@ def holdout_perplexity(draft_dir: str, target_dir: str, windows_path: str, layer
     if head_map is not None:
         methods.append(Method("specattn_head", "specattn_head", head_map=tuple(map(tuple, head_map)),
                               top_p_head=tuple(map(tuple, top_p_head))))
+    sd = tuple(draft_top_p) if draft_top_p is not None and min(draft_top_p) < 1.0 else ()
+    if sd:
+        methods += [dataclasses.replace(m, name=f"{m.name}_sparse_draft", draft_top_p=sd, draft_k=draft_k)
+                    for m in methods if m.kind != "dense"]
     rows = run_methods(draft_dir, target_dir, windows, layer_map, methods, chunk_size, prefill_fraction,
                        progress=False)
     out = {"perplexity_dense": rows["dense"]["perplexity"], "perplexity_sparse": rows["specattn"]["perplexity"],
@@ -222,6 +255,11 @@ def holdout_perplexity(draft_dir: str, target_dir: str, windows_path: str, layer
         out |= {"perplexity_sparse_head": rows["specattn_head"]["perplexity"],
                 "perplexity_increase_head": rows["specattn_head"]["perplexity_increase"],
                 "ppl_kv_reduction_all_layers_head": rows["specattn_head"]["kv_reduction_all_layers"]}
+    for name, tag in (("specattn_sparse_draft", ""), ("specattn_head_sparse_draft", "_head")):
+        if name in rows:
+            out |= {f"perplexity_sparse{tag}_sparse_draft": rows[name]["perplexity"],
+                    f"perplexity_increase{tag}_sparse_draft": rows[name]["perplexity_increase"],
+                    f"ppl_kv_reduction_all_layers{tag}_sparse_draft": rows[name]["kv_reduction_all_layers"]}
     return out
 
 
@@ -349,6 +387,7 @@ def evaluate(
                      "dense_layers": art.dense_layers, "quick": quick,
                      "kv_reduction": "1 - keys read / keys visible, summed over scored queries"},
         "layer_map": art.layer_map.tolist(), "top_p": art.top_p.tolist(),
+        "draft_top_p": art.draft_top_p.tolist() if art.draft_top_p is not None else None,
         "methods": rows, "table": quality_report.table_rows(rows),
         "seconds": seconds, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -21,22 +21,23 @@ _NAMES = {"dense": "Dense", "streaming": "StreamingLLM (sink + recent)", "quest"
 
 def describe(row: dict) -> str:
     """Human-readable method name, e.g. ``SpecAttn, global p = 0.95``."""
+    sd = ", sparse draft" if row.get("sparse_draft") else ""  # selections recorded by the sparse draft
     if row["kind"] == "specattn_head":
         if row["group"] == GROUP_HEAD_GLOBAL:
-            return f"SpecAttn per KV head, global p = {row['x']:g}"
-        return f"SpecAttn per KV head, calibrated per-head p (recall >= {row['x']:g})"
+            return f"SpecAttn per KV head, global p = {row['x']:g}{sd}"
+        return f"SpecAttn per KV head, calibrated per-head p (recall >= {row['x']:g}){sd}"
     if row["kind"] != "specattn":
         return _NAMES[row["kind"]]
     if row["group"] == GROUP_GLOBAL:
-        return f"SpecAttn, global p = {row['x']:g}"
-    return f"SpecAttn, calibrated per-layer p (recall >= {row['x']:g})"
+        return f"SpecAttn, global p = {row['x']:g}{sd}"
+    return f"SpecAttn, calibrated per-layer p (recall >= {row['x']:g}){sd}"
 
 
 def table_rows(methods: dict[str, dict]) -> list[dict]:
     """Headline rows in the paper's order: dense, baselines, oracle, SpecAttn global p, SpecAttn calibrated."""
     rows = [dict(name=name, **r) for name, r in methods.items() if r.get("in_table")]
     rows.sort(key=lambda r: (_KIND_ORDER[r["kind"]], r["group"] not in (GROUP_GLOBAL, GROUP_HEAD_GLOBAL),
-                             r["x"] or 0))
+                             r["x"] or 0, bool(r.get("sparse_draft"))))  # a sparse-draft row after its dense one
     return [{"method": describe(r), "budget": _budget(r), "perplexity": round(r["perplexity"], 3),
              "ppl_increase_pct": round(100 * r["perplexity_increase"], 2),
              "kv_reduction_sparse_pct": round(100 * r["kv_reduction_sparse_layers"], 1),
@@ -92,7 +93,8 @@ def curve_style(group: str) -> dict:
     else:
         color = next(c for key, c in (("Quest", "tab:green"), ("StreamingLLM", "tab:gray"),
                                       ("Oracle", "tab:purple"), ("", "tab:olive")) if key in group)
-    style = {"color": color, "ls": "--" if per_head else "-", "marker": "s" if "global p" in group else "o"}
+    marker = "s" if "global p" in group else "^" if "sparse draft" in group else "o"
+    style = {"color": color, "ls": "--" if per_head else "-", "marker": marker}
     if "oracle KV" in group:  # a baseline at the oracle's budget: a reference point, not a competitor's curve
         style.update(ls=":", marker="x")
     return style

@@ -46,7 +46,9 @@ class TFPass:
     float32 ``[Hkv, n_rows, C]``, the last ``n_rows`` queries). Region pass (``replay=True``): every layer attends
     to ``kv``; layers in ``chunks`` (bool ``[G, Q, C]``, ``G`` = 1 or ``Hkv``) read those chunks, layers in
     ``quest_budget`` (int64 ``[Q]``) Quest's picks; ``read`` collects per layer the share of the visible keys each
-    query read (float ``[Q]``, mean over heads).
+    query read (float ``[Q]``, mean over heads); with ``record``, ``rows`` collects per layer every region query's
+    per-KV-head pooled attention over the keys it read (float32 ``[Hkv, Q, C]``: what a sparse forward records,
+    its mass on the chunks it read; sparse drafting's rows for the target's selection, :mod:`.draft_tuning`).
     """
 
     chunk_size: int
@@ -58,6 +60,7 @@ class TFPass:
     chunks: dict[int, torch.Tensor] = field(default_factory=dict)
     quest_budget: dict[int, torch.Tensor] = field(default_factory=dict)
     read: dict[int, torch.Tensor] = field(default_factory=dict)
+    record: bool = False  # region pass: keep each query's pooled rows in ``rows``
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -93,7 +96,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         if mask.shape[0] not in (1, h):  # per KV head: its query heads are consecutive
             mask = mask.repeat_interleave(h // hkv, dim=0)
     keys_all, values_all = torch.cat([dense_k, key], dim=2), torch.cat([dense_v, value], dim=2)
-    out = softmax_attention(query, keys_all, values_all, mask[None], scale, variant)[0]
+    out, probs = softmax_attention(query, keys_all, values_all, mask[None], scale, variant)
+    if st.record:  # this pass's keys are the region positions tk - tq .. tk - 1: fold them back onto positions
+        probs = probs[0].float()  # [H, Q, T + Q]
+        by_pos = probs[..., :tk].clone()
+        by_pos[..., tk - tq :] += probs[..., tk:]
+        st.rows[layer] = pool_to_chunks(by_pos.view(hkv, h // hkv, tq, tk).mean(1), st.chunk_size)
     return out, None
 
 
@@ -135,21 +143,31 @@ def region_size(window_tokens: int, queries: int, k: int) -> int:
 
 
 @torch.no_grad()
-def dense_pass(model, ids: torch.Tensor, n_region: int, k: int, layers: list[int], chunk_size: int) -> DenseWindow:
+def dense_pass(model, ids: torch.Tensor, n_region: int, k: int, layers: list[int], chunk_size: int,
+               logits_to_keep: int | None = None) -> DenseWindow:
+    """The dense pass; ``logits_to_keep`` (default ``n_region``) fewer when only the K/V and rows are wanted
+    (a float32 ``[Q, V]`` at a 152K vocabulary is 1.1 GB for 1,800 queries)."""
     st = TFPass(chunk_size, n_rows=n_region + k + 1)
-    logits = model(ids[None], specattn_tf=st, use_cache=False, logits_to_keep=n_region).logits[0].float()
+    keep = n_region if logits_to_keep is None else logits_to_keep
+    logits = model(ids[None], specattn_tf=st, use_cache=False, logits_to_keep=keep).logits[0].float()
     return DenseWindow(ids, logits, {j: st.rows[j] for j in layers}, st.kv, n_region, k, chunk_size)
 
 
 @torch.no_grad()
 def region_pass(model, dense: DenseWindow, chunks: dict[int, torch.Tensor] | None = None,
-                quest_budget: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Draft logits float32 ``[Q, V]`` at the region positions, and per layer the share of keys read ``[Q]``."""
+                quest_budget: dict[int, torch.Tensor] | None = None, rows: dict | None = None,
+                logits_to_keep: int = 0) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Draft logits float32 ``[Q, V]`` at the region positions (the last ``logits_to_keep`` only, when > 0), and
+    per layer the share of keys read ``[Q]``. A dict passed as ``rows`` receives every layer's pooled rows of the
+    region queries (``TFPass.record``)."""
     t, q = dense.ids.numel(), dense.n_region
     st = TFPass(dense.chunk_size, replay=True, k=dense.k, kv=dense.kv, chunks=chunks or {},
-                quest_budget=quest_budget or {})
+                quest_budget=quest_budget or {}, record=rows is not None)
     pos = torch.arange(t - q, t, device=dense.ids.device)[None]
-    logits = model(dense.ids[None, t - q :], position_ids=pos, specattn_tf=st, use_cache=False).logits[0].float()
+    logits = model(dense.ids[None, t - q :], position_ids=pos, specattn_tf=st, use_cache=False,
+                   logits_to_keep=logits_to_keep).logits[0].float()
+    if rows is not None:
+        rows.update(st.rows)
     return logits, st.read
 
 
@@ -185,17 +203,21 @@ def streaming_chunks(budget: torch.Tensor, n_keys: int, chunk_size: int) -> torc
     return streaming_mask(budget, chunk_size, n_keys)[None]
 
 
-def recall_and_read(chunks: torch.Tensor, rows_q: torch.Tensor, n_keys: int, chunk_size: int) -> tuple[float, float]:
+def recall_and_read(chunks: torch.Tensor, rows_q: torch.Tensor, n_keys: int, chunk_size: int,
+                    which: torch.Tensor | None = None) -> tuple[float, float]:
     """Mean attention mass of the queries' own dense rows ``[Hkv, Q, C]`` the chunks cover, and mean share of the
-    causal keys they hold (chunk level, before any sliding window: the region pass measures the exact reads)."""
+    causal keys they hold (chunk level, before any sliding window: the region pass measures the exact reads).
+    ``which`` (bool ``[Q]``): average over those queries only (sparse drafting: the forwards that read sparsely)."""
     q = rows_q.shape[1]
     mass = rows_q.sum(-1).clamp_min(1e-30)
-    recall = ((chunks * rows_q).sum(-1) / mass).mean().item()
     pos = n_keys - q + torch.arange(q, device=rows_q.device)  # region positions
     starts = torch.arange(chunks.shape[-1], device=rows_q.device) * chunk_size
     tokens = (pos[:, None] + 1 - starts[None, :]).clamp(0, chunk_size)  # keys of each chunk visible to the query
-    read = ((chunks * tokens[None]).sum(-1).double() / (pos + 1)[None]).mean().item()
-    return recall, read
+    recall = (chunks * rows_q).sum(-1) / mass  # [Hkv, Q]
+    read = (chunks * tokens[None]).sum(-1).double() / (pos + 1)[None]  # [G, Q]
+    if which is not None:
+        recall, read = recall[:, which], read[:, which]
+    return recall.mean().item(), read.mean().item()
 
 
 def acceptance(dense_logits: torch.Tensor, draft_logits: torch.Tensor, k: int,

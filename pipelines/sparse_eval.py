@@ -17,6 +17,13 @@ Methods select chunks per (layer, query):
   granularity Quest has, from perfect knowledge (the bound for per-head SpecAttn selection);
 - ``streaming`` / ``quest``: :mod:`pipelines.baselines`, with the chunk count of a reference SpecAttn method.
 
+A ``specattn`` / ``specattn_head`` method with ``draft_top_p`` takes its rows from a **sparse draft** (issue 24):
+the decode queries drafted in blocks of ``draft_k`` from ``prefill`` on, each block's first forward dense and the
+others reading, per draft layer with p < 1, the top-p chunks of that first forward's row
+(:func:`pipelines.draft_tuning.sparse_draft_rows`); every query records its row over the chunks it read, as the
+runtime's sparse draft forwards do (head-averaged draft selection for ``specattn``, per draft KV head for
+``specattn_head``, as the runtime selects with and without a head map).
+
 The target is loaded with ``attn_implementation="specattn_eval"`` (registered here); a forward call passes a
 :class:`PassMasks` as ``specattn_eval=``. Batch 1, unpadded texts. Each layer follows its variant (sliding window,
 soft-capping, sinks, scaling): the dense pass equals transformers' own attention, and a sparse selection is
@@ -42,6 +49,8 @@ ATTN_NAME = "specattn_eval"
 KINDS = ("dense", "specattn", "specattn_head", "oracle", "oracle_head", "streaming", "quest")
 GROUP_GLOBAL, GROUP_CALIBRATED = "SpecAttn global p", "SpecAttn calibrated"
 GROUP_HEAD_GLOBAL, GROUP_HEAD_CALIBRATED = "SpecAttn per-head global p", "SpecAttn per-head calibrated"
+GROUP_SPARSE_DRAFT = "SpecAttn calibrated, sparse draft"
+GROUP_HEAD_SPARSE_DRAFT = "SpecAttn per-head calibrated, sparse draft"
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,8 @@ class Method:
     group: str = ""  # curve the method belongs to in the trade-off plot
     x: float | None = None  # the swept value (p, recall budget) for reports
     in_table: bool = False  # a row of the headline table (the rest only feed the curves)
+    draft_top_p: tuple[float, ...] = ()  # specattn / specattn_head: the draft drafts sparsely with these p
+    draft_k: int = 4  # ... in blocks of this many drafts
 
 
 @dataclass
@@ -216,11 +227,24 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
 
     out: dict[str, WindowResult] = {}
     counts: dict[str, dict[int, torch.Tensor]] = {}  # specattn method -> layer -> chunks per decode query [Tq]
+    sparse_rows: dict[tuple, dict[int, torch.Tensor]] = {}  # (draft p, k, per head) -> layer -> [Hkv, Tq, C]
+
+    def draft_rows(m: Method) -> dict[int, torch.Tensor]:
+        key = (m.draft_top_p, m.draft_k, m.kind == "specattn_head")
+        if key not in sparse_rows:
+            sparse_rows[key] = _sparse_draft_rows(draft, ids, prefill, m, chunk_size)
+        return sparse_rows[key]
+
     for m in methods:
         masks = PassMasks(chunk_size)
         if m.kind in ("specattn", "oracle"):
             for j in sparse:
-                rows = (draft_rec.rows[layer_map[j]] if m.kind == "specattn" else target_rec.rows[j])[0]
+                if m.kind == "oracle":
+                    rows = target_rec.rows[j][0]
+                elif m.draft_top_p:
+                    rows = draft_rows(m)[layer_map[j]].mean(0)  # equal KV groups: the mean over every head
+                else:
+                    rows = draft_rec.rows[layer_map[j]][0]
                 masks.chunks[j] = decode_chunks(rows, m.top_p[j], prefill, chunk_size)
             counts[m.name] = {j: masks.chunks[j].sum(-1) for j in sparse}
         elif m.kind in ("oracle_head", "specattn_head"):
@@ -228,7 +252,7 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
                 if m.kind == "oracle_head":
                     rows_ps = [(r, m.top_p[j]) for r in target_rec.rows_kv[j][0]]  # [Hkv] x [Tq, C]
                 else:
-                    draft_kv = draft_rec.rows_kv[layer_map[j]][0]
+                    draft_kv = draft_rows(m)[layer_map[j]] if m.draft_top_p else draft_rec.rows_kv[layer_map[j]][0]
                     rows_ps = [(draft_kv[h], m.top_p_head[j][g]) for g, h in enumerate(m.head_map[j])]
                 per_kv = torch.stack([decode_chunks(r, p, prefill, chunk_size) for r, p in rows_ps])
                 masks.chunks[j] = per_kv.repeat_interleave(n_heads // per_kv.shape[0], dim=0)  # [H, Tq, C]
@@ -260,6 +284,21 @@ def evaluate_window(target, draft, ids: torch.Tensor, layer_map: list[int], meth
     return out
 
 
+def _sparse_draft_rows(draft, ids: torch.Tensor, prefill: int, m: Method, chunk_size: int) -> dict:
+    """The sparse draft's rows of the decode queries (:func:`pipelines.draft_tuning.sparse_draft_rows`), with the
+    draft switched to the teacher-forced attention for the two passes and back to its recording one after."""
+    from . import self_tuning
+    from .draft_tuning import sparse_draft_rows
+
+    before = draft.config._attn_implementation
+    draft.set_attn_implementation(self_tuning.register())
+    try:
+        return sparse_draft_rows(draft, ids, prefill, m.draft_k, dict(enumerate(m.draft_top_p)), chunk_size,
+                                 per_head=m.kind == "specattn_head")
+    finally:
+        draft.set_attn_implementation(before)
+
+
 def summarize(results: list[dict[str, WindowResult]], methods: list[Method], layer_map: list[int]) -> dict:
     """Aggregate per-text results: perplexity, increase over dense, KV reduction (sparse / all layers), mean
     chunks per sparse layer, per-step mean NLL (for cumulative perplexity curves) and per-layer KV read."""
@@ -272,6 +311,7 @@ def summarize(results: list[dict[str, WindowResult]], methods: list[Method], lay
         chunks = sum(r[m.name].chunks for r in results) / (nll.shape[0] * nll.shape[1])
         rows[m.name] = {
             "kind": m.kind, "group": m.group, "x": m.x, "match": m.match, "in_table": m.in_table,
+            "sparse_draft": bool(m.draft_top_p),
             "perplexity": math.exp(nll.mean().item()),
             "kv_reduction_sparse_layers": 1 - (read[sparse].sum() / avail[sparse].sum()).item() if sparse else 0.0,
             "kv_reduction_all_layers": 1 - (read.sum() / avail.sum()).item(),

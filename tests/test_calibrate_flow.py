@@ -42,6 +42,20 @@ def test_calibrates_quick_pair_into_a_valid_artifact(prefect_harness, quick_pair
     # The early-exit draft *is* the target's first 10 layers: each of those aligns to itself at KL ~ 0.
     assert art.layer_map[2:10].tolist() == list(range(2, 10))
     assert torch.all(art.kl.diagonal()[:10] < 1e-4)
+    # sparse drafting (on by default): the draft's own p, the rule and its measured quality
+    assert art.draft_top_p.shape == (10,) and ((art.draft_top_p > 0) & (art.draft_top_p <= 1)).all()
+    sd = objective["sparse_draft"]
+    assert sd["k"] == 4 and sd["budget"] == 0.05 and sd["per_head"] and sd["region_queries"] == 8
+    chosen, dense = sd["calibration_chosen"], sd["calibration_dense"]
+    assert chosen["mean_accepted_length"] >= 0.95 * dense["mean_accepted_length"] - 1e-9
+    assert chosen["draft_kv_read_all_layers"] <= 1.0 and dense["draft_kv_read_all_layers"] == 1.0
+    n_cand = art.curves["draft_candidate_accepted_length"].numel()
+    assert art.curves["draft_candidate_top_p"].shape == (n_cand, 10)
+    assert art.curves["draft_recall"].shape == (10, art.curves["p_grid"].numel())
+    hold = quality["sparse_draft"]
+    assert 1.0 <= hold["dense"]["mean_accepted_length"] <= 5.0 and 0 < hold["sparse"]["draft_kv_read_all_layers"] <= 1
+    if art.sparse_draft:  # the target's perplexity with the sparse draft's selections, beside the dense draft's
+        assert quality["perplexity_sparse_sparse_draft"] > 1 and "perplexity_increase_head_sparse_draft" in quality
 
 
 def test_rerun_is_served_from_cache(prefect_harness, tmp_path):
@@ -79,8 +93,12 @@ def test_skip_if_unchanged_reuses_latest(prefect_harness, tmp_path):
 
 
 def test_global_p_reproduces_paper_setting(prefect_harness, tmp_path):
-    art = load_artifact(calibrate(preset="quick", output_dir=str(tmp_path), global_p=0.97, **TINY))
+    art = load_artifact(calibrate(preset="quick", output_dir=str(tmp_path), global_p=0.97, sparse_draft=False,
+                                  **TINY))
     assert torch.allclose(art.top_p[2:], torch.tensor(0.97)) and art.info("objective")["kind"] == "global_p"
+    # without sparse drafting: no draft_top_p, the draft reads densely
+    assert art.draft_top_p is None and art.info("objective")["sparse_draft"] is None
+    assert "sparse_draft" not in art.info("holdout_quality")
 
 
 def _different_tokenizer_copy(src: str, dst: Path) -> Path:

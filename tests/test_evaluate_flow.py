@@ -15,10 +15,18 @@ def test_quick_evaluation_writes_table_json_and_plot(quick_evaluation, calibrate
     out = Path(quick_evaluation).parent
     result = json.loads(Path(quick_evaluation).read_text())
     methods = result["methods"]
-    kinds = sorted(r["kind"] for r in methods.values())
+    kinds = sorted(r["kind"] for r in methods.values() if not r["sparse_draft"])
     assert kinds == ["dense", "oracle", "oracle_head", "quest", "quest", "quest", "specattn", "specattn", "specattn",
                      "specattn", "specattn_head", "streaming", "streaming"]
-    assert len(result["table"]) == 13 and result["text"]["windows"] == ["emma[0]", "mansfieldpark[0]"]
+    # an artifact that drafts sparsely: calibrated SpecAttn again, per layer and per KV head, from the rows the
+    # sparse draft records, beside the dense-draft rows
+    art = load_artifact(calibrated_quick)
+    sd = sorted((r["kind"], r["group"]) for r in methods.values() if r["sparse_draft"])
+    assert sd == ([("specattn", "SpecAttn calibrated, sparse draft"),
+                   ("specattn_head", "SpecAttn per-head calibrated, sparse draft")] if art.sparse_draft else [])
+    assert result["draft_top_p"] == art.draft_top_p.tolist()
+    assert len(result["table"]) == 13 + len(sd) and result["text"]["windows"] == ["emma[0]", "mansfieldpark[0]"]
+    assert sum("sparse draft" in r["method"] for r in result["table"]) == len(sd)
     dense = methods["dense"]
     assert dense["perplexity_increase"] == 0 and 1 < dense["perplexity"] < 1000
     for r in methods.values():
