@@ -106,6 +106,17 @@ def test_self_speculation_engine_is_lossless(arch):
     assert a.tokens == b.tokens and a.stats.accepted_hist == b.stats.accepted_hist
 
 
+@pytest.mark.parametrize("arch", ["gemma3-1kv", "gpt_oss-sinks"])
+@torch.no_grad()
+def test_batched_engine_with_every_chunk_equals_transformers_greedy(arch):
+    """The paged pool's attention takes the variants too: ragged prompts, one batch, each sequence's own greedy."""
+    draft, target = models(arch)
+    prompts = [ids(s)[0].tolist()[:n] for s, n in ((1, 70), (2, 50), (3, 65))]
+    rt = SpecAttnRuntime(artifact(1.0), draft, target, engine="static", exact_dense_shortcut=False)
+    outs = rt.generate_batch(prompts, 16, k=3, eos_token_id=None)
+    assert [o.tokens for o in outs] == [transformers_greedy(arch, p, 16) for p in prompts]
+
+
 @interpreted
 @pytest.mark.parametrize("arch", ["gemma2-softcap-d256", "gpt_oss-sinks", "mistral-window-1kv", "gemma3-1kv"])
 @torch.no_grad()

@@ -13,10 +13,9 @@ import dataclasses
 
 import pytest
 import torch
-import transformers
 
 from test_engine import noisy_copy
-from test_variants import ARCHS, COMMON, exact_artifact
+from test_variants import eager_model, exact_artifact, with_attention
 from specattn_runtime import SpecAttnRuntime, hooks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -24,27 +23,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 WINDOWS = {"mistral-window-1kv": 100, "qwen2-window-layers": 37, "gemma2-softcap-d256": 100, "gemma3-1kv": 37,
            "gpt_oss-sinks": 100}
 N_PROMPT = 600
+DEVICE = "cuda"
 _MODELS: dict = {}
 
 
 def models(arch: str):
     """(reference under transformers' eager attention, draft, target under the runtime's) on CUDA."""
     if arch not in _MODELS:
-        model_cls, cfg_cls, kw = ARCHS[arch]
-        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw, "sliding_window": WINDOWS[arch]})
-        cfg._attn_implementation = "eager"
-        torch.manual_seed(0)
-        ref = getattr(transformers, model_cls)(cfg).eval()
-        with torch.no_grad():  # as tests/test_variants.py: random sinks and norms, or random models repeat a token
-            for layer in ref.model.layers:
-                if hasattr(layer.self_attn, "sinks"):
-                    layer.self_attn.sinks.normal_()
-            for name, p in ref.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.normal_(1.0 if p.mean() > 0.5 else 0.0, 0.5)
-        ref = ref.cuda()
-        target = copy.deepcopy(ref)
-        target.set_attn_implementation(hooks.register())
+        ref = copy.deepcopy(eager_model(arch, sliding_window=WINDOWS[arch])).to(DEVICE)
+        target = with_attention(ref, hooks.register())
         _MODELS[arch] = (ref, noisy_copy(target, 0.05, 1), target)
     return _MODELS[arch]
 
@@ -54,7 +41,7 @@ def prompt(seed: int = 3) -> list[int]:
 
 
 def greedy(ref, ids: list[int], n: int) -> list[int]:
-    t = torch.tensor([ids], device="cuda")
+    t = torch.tensor([ids], device=DEVICE)
     with torch.no_grad():
         return ref.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()

@@ -45,11 +45,13 @@ ARCHS = {  # name -> (model class, config class, config arguments)
 _CACHE: dict = {}
 
 
-def eager_model(arch: str):
-    """The architecture with random weights under transformers' eager attention (sinks and norms randomised)."""
-    if arch not in _CACHE:
+def eager_model(arch: str, **overrides):
+    """The architecture with random weights under transformers' eager attention (sinks and norms randomised);
+    ``overrides``: config values to change (e.g. a longer window for the GPU tests)."""
+    key = (arch, tuple(sorted(overrides.items())))
+    if key not in _CACHE:
         model_cls, cfg_cls, kw = ARCHS[arch]
-        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw})
+        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw, **overrides})
         cfg._attn_implementation = "eager"
         torch.manual_seed(0)
         model = getattr(transformers, model_cls)(cfg).eval()
@@ -60,8 +62,8 @@ def eager_model(arch: str):
             for name, p in model.named_parameters():  # norm weights start equal (Gemma's at 0): vary them, or
                 if name.endswith("norm.weight"):  # random Gemmas repeat one token
                     p.normal_(1.0 if p.mean() > 0.5 else 0.0, 0.5)
-        _CACHE[arch] = model
-    return _CACHE[arch]
+        _CACHE[key] = model
+    return _CACHE[key]
 
 
 def with_attention(model, name: str):
