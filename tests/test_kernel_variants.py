@@ -63,7 +63,7 @@ def inputs(b, h, hkv, tq, cap, d, gen, sink: bool):
 def readable(lens, tq, cap, window, keys=None) -> torch.Tensor:
     """bool ``[B, 1 or Hkv, cap]``: positions a kernel may load (below the length, not older than the first query's
     window, in a selected chunk)."""
-    pos = torch.arange(cap)
+    pos = torch.arange(cap, device=keys.device if keys is not None else "cpu")
     rows = []
     for bi, n in enumerate(lens):
         ok = pos < n
@@ -248,11 +248,11 @@ def test_eager_loop_verification_through_the_kernel(where, softcap, sink, gen):
 @needs_triton
 def test_window_past_the_context_is_the_plain_kernel_bit_for_bit(gen):
     """A window no query reaches changes nothing: the same chunks visited in the same order, the same bits."""
-    q, k, v, _ = inputs(1, 4, 2, 3, 120, 32, gen, False)
-    lens = torch.tensor([101], dtype=torch.int32)
-    sel = mask_to_indices(random_selection(1, 2, 120, [101], 3, gen, per_head=False))
+    q, k, v = (x.to(DEVICE, DTYPE) for x in inputs(1, 4, 2, 3, 120, 32, gen, False)[:3])
+    lens = torch.tensor([101], dtype=torch.int32, device=DEVICE)
+    sel = mask_to_indices(random_selection(1, 2, 120, [101], 3, gen, per_head=False).to(DEVICE))
     for idx, count in ((None, None), sel):
-        rec_a, rec_b = torch.zeros(1, 8), torch.zeros(1, 8)
+        rec_a, rec_b = torch.zeros(1, 8, device=DEVICE), torch.zeros(1, 8, device=DEVICE)
         a = sparse_attention_triton(q, k, v, idx, count, chunk_size=CHUNK, kv_lens=lens, record=rec_a)
         b = sparse_attention_triton(q, k, v, idx, count, chunk_size=CHUNK, kv_lens=lens, record=rec_b, window=500)
         assert torch.equal(a, b) and torch.equal(rec_a, rec_b)
@@ -262,13 +262,13 @@ def test_window_past_the_context_is_the_plain_kernel_bit_for_bit(gen):
 def test_sinks_mass_belongs_to_no_chunk(gen):
     """With sinks each query's recorded masses sum to 1 - p_sink (the share the sink took from its keys)."""
     q, k, v, sinks = inputs(1, 4, 4, 1, 64, 16, gen, True)
-    lens = torch.tensor([64], dtype=torch.int32)
-    rec = torch.zeros(1, 4, 4)
-    sparse_attention_triton(q, k, v, None, None, chunk_size=CHUNK, kv_lens=lens, record=rec, record_weight=1.0,
-                            sinks=sinks)
-    logits = torch.einsum("bhd,bhkd->bhk", q[:, :, 0], k) / 4.0  # [1, H, 64]
-    p_sink = torch.softmax(torch.cat([logits, sinks.view(1, 4, 1)], -1), -1)[..., -1]
-    torch.testing.assert_close(rec.sum(-1), 1 - p_sink, rtol=1e-5, atol=1e-6)
+    lens = torch.tensor([64], dtype=torch.int32, device=DEVICE)
+    rec = torch.zeros(1, 4, 4, device=DEVICE)
+    sparse_attention_triton(*(x.to(DEVICE, DTYPE) for x in (q, k, v)), None, None, chunk_size=CHUNK, kv_lens=lens,
+                            record=rec, record_weight=1.0, sinks=sinks.to(DEVICE))
+    logits = torch.einsum("bhd,bhkd->bhk", q[:, :, 0].double(), k.double()) / 4.0  # [1, H, 64]
+    p_sink = torch.softmax(torch.cat([logits, sinks.double().view(1, 4, 1)], -1), -1)[..., -1]
+    close(rec.sum(-1), 1 - p_sink, "recorded mass per query head")
 
 
 def test_variant_arguments_are_checked():
