@@ -14,7 +14,8 @@ acceptance or sparsity: as in bench/throughput.py, accepted lengths and per-laye
 (``ForcedBatchAcceptance``); everything else -- HTTP, the engine thread, admission, chunked prefill, paged
 attention, selection -- runs for real.
 
-    python3 bench/serve.py --pair llama3 --out bench/serve_llama3_h200.json     # GPU
+    python3 bench/serve.py --pair llama3 --out bench/serve_llama3_h200.json     # GPU (add --methods M --append to
+                                                                              # run one method per command)
     python3 bench/serve.py --smoke                                            # a tiny CPU run that checks the path
 """
 
@@ -88,9 +89,7 @@ def runtime_for(method: str, args):
 
 def serve_process(method: str, args, port: int, ready) -> None:
     """The server: the method's runtime behind the OpenAI app, on ``port`` (runs in a child process)."""
-    import uvicorn
-
-    from specattn_runtime.serve import create_app
+    from specattn_runtime.serve import create_app, run
 
     try:
         rt = runtime_for(method, args)
@@ -101,7 +100,7 @@ def serve_process(method: str, args, port: int, ready) -> None:
         ready.put(f"error: {e!r}")
         raise
     ready.put("ok")
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    run(app, "127.0.0.1", port, log_level="warning")
 
 
 def free_port() -> int:
@@ -220,7 +219,7 @@ def main() -> None:
     ap.add_argument("--pair", choices=sorted(PAIRS), default="llama3")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="requests per second")
-    ap.add_argument("--num-prompts", type=int, default=48, help="requests per rate")
+    ap.add_argument("--num-prompts", type=int, default=24, help="requests per rate")
     ap.add_argument("--input-len", type=int, nargs=2, default=[8192, 32768], metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-batch", type=int, default=32)
@@ -233,6 +232,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile each model forward")
     ap.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU: checks the path only")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--append", action="store_true", help="keep the other methods' rows already in --out (one "
+                    "method per command fits a 10-minute limit)")
     args = ap.parse_args()
     if args.smoke:
         args.input_len, args.output_len, args.num_prompts = [16, 96], 8, 6
@@ -246,6 +247,8 @@ def main() -> None:
             "command": " ".join(sys.argv), "forced": "acceptance length and per-layer density are forced inputs "
             "(random weights)", **vars(args)}
     rows: list[dict] = []
+    if args.append and Path(out).exists():
+        rows = [r for r in json.loads(Path(out).read_text())["rows"] if r.get("method") not in args.methods]
     for method in args.methods:
         rows += bench_method(method, args)
         Path(out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
