@@ -213,7 +213,7 @@ def _speculative_step(rt, prev, cur, dcache, tcache, n, k, sampling, seed, step,
         tok = nxt.view(1, 1)
         if s == 0 and sparse_draft:  # the later forwards read the chunks the first one's attention selects
             dstate.chunk_masks = draft_select(rt, dstate.rows, n - 1, k)
-            dstate.record_layers = rt.record_layers
+            dstate.record_layers = rt.record_layers if rt.plan.sparse_forwards_guide else frozenset()
             draft_read += _draft_read_fractions(rt, dstate.chunk_masks, n - 1 + k)
     drafted_t = torch.cat(drafted)  # [k]
     rt._sync()

@@ -27,7 +27,6 @@ flow), the default elsewhere and the reference the engine is tested against. ``k
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -93,6 +92,10 @@ class SpecAttnRuntime:
     model forward of the static engine with ``torch.compile``. ``per_head``: with an artifact that has a head map,
     select one chunk set per (sparse layer, KV head) (default: on with the torch or Triton backend, in both
     engines; ``per_head=False`` selects per layer from head-averaged rows, with the artifact's ``top_p``).
+    ``sparse_draft``: with an artifact that has ``draft_top_p`` (schema 3), the draft reads sparsely after each
+    step's first forward (default on; ``False`` drafts densely). ``sparse_draft_guidance``: which draft forwards
+    give the target's selection its rows when drafting sparsely: ``"first"`` (default: the step's dense first
+    forward) or ``"all"`` (the sparse ones too, their mass confined to the draft's own selection).
     """
 
     engine_class = DecodeEngine  # benchmarks substitute a subclass (forced acceptance on random weights)
@@ -100,7 +103,8 @@ class SpecAttnRuntime:
 
     def __init__(self, artifact: Artifact, draft, target, tokenizer=None, *, backend: str = "auto",
                  selection: str = "auto", exact_dense_shortcut: bool = True, engine: str = "auto",
-                 compile: bool | None = None, per_head: bool | None = None, sparse_draft: bool = True):
+                 compile: bool | None = None, per_head: bool | None = None, sparse_draft: bool = True,
+                 sparse_draft_guidance: str = "first"):
         dev = next(target.parameters()).device
         on_cuda = dev.type == "cuda"
         validate.kernels(backend, selection, engine, dev)
@@ -156,12 +160,16 @@ class SpecAttnRuntime:
         # top-p chunks of that forward's attention. Older artifacts, mode "self" and sparse_draft=False draft densely.
         dp = artifact.draft_top_p if sparse_draft and self.mode == "draft" else None
         self.draft_top_p = dp.tolist() if dp is not None else []
+        if sparse_draft_guidance not in ("first", "all"):
+            raise ValueError(f"sparse_draft_guidance must be 'first' (the target's selection from each step's dense "
+                             f"first draft forward) or 'all' (every draft forward), got {sparse_draft_guidance!r}")
         self.draft_sparse_layers = [i for i, p in enumerate(self.draft_top_p) if p < 1.0]
         self._draft_p = torch.tensor([self.draft_top_p[i] for i in self.draft_sparse_layers])
         self.plan = SparsePlan(tuple(self.sparse_layers), tuple(self.layer_map[j] for j in self.sparse_layers),
                                tuple(self.top_p[j] for j in self.sparse_layers), self.chunk_size, **heads,
                                draft_sparse_layers=tuple(self.draft_sparse_layers),
-                               draft_top_p=tuple(self.draft_top_p[i] for i in self.draft_sparse_layers))
+                               draft_top_p=tuple(self.draft_top_p[i] for i in self.draft_sparse_layers),
+                               sparse_forwards_guide=sparse_draft_guidance == "all")
         # GPU work is asynchronous: the eager loop's time split is only honest if each phase has finished.
         self._sync = torch.cuda.synchronize if on_cuda else (lambda: None)
         self._caches = _Caches()

@@ -46,9 +46,10 @@ def runtimes(models, art, exact_dense_shortcut=False, **kw):
 
 
 @pytest.mark.parametrize("per_head", [False, True])
-@pytest.mark.parametrize("k, temperature", [(4, 0.0), (3, 0.8)])
-def test_engine_equals_eager_with_sparse_drafting(models, per_head, k, temperature):
-    eager, static = runtimes(models, sparse_draft_artifact(per_head=per_head))
+@pytest.mark.parametrize("k, temperature, guidance", [(4, 0.0, "first"), (3, 0.8, "first"), (4, 0.0, "all")])
+def test_engine_equals_eager_with_sparse_drafting(models, per_head, k, temperature, guidance):
+    eager, static = runtimes(models, sparse_draft_artifact(per_head=per_head), sparse_draft_guidance=guidance)
+    assert static.plan.sparse_forwards_guide == (guidance == "all")
     assert static.plan.draft_sparse_layers == (1, 2, 3) and static.per_head == per_head
     kw = dict(k=k, temperature=temperature, top_p=0.9, seed=5, eos_token_id=None)
     a, b = eager.generate(SHORT, 24, **kw), static.generate(SHORT, 24, **kw)
@@ -73,6 +74,17 @@ def test_every_draft_p_one_is_dense_drafting(models):
     for rt in (dense_e, *near_one):
         out = rt.generate(SHORT, 20, **kw)
         assert out.tokens == ref.tokens and out.stats.accepted_hist == ref.stats.accepted_hist
+
+
+def test_guidance_changes_what_the_target_reads(models):
+    """The two guidance choices give the target different rows (so the option is not a no-op), and a bad value is
+    refused by name."""
+    first, every = (runtimes(models, sparse_draft_artifact(), sparse_draft_guidance=g)[1] for g in ("first", "all"))
+    kw = dict(k=4, temperature=0.0, eos_token_id=None)
+    a, b = first.generate(SHORT, 24, **kw), every.generate(SHORT, 24, **kw)
+    assert a.stats.kv_read_fraction != b.stats.kv_read_fraction
+    with pytest.raises(ValueError, match="sparse_draft_guidance"):
+        runtimes(models, sparse_draft_artifact(), sparse_draft_guidance="some")
 
 
 def test_older_artifacts_draft_densely(models):
@@ -199,7 +211,8 @@ def test_batched_sparse_drafting_equals_each_prompt_alone(models, per_head, temp
     batching (3 slots for 4 prompts: a slot is reloaded and the live slots compacted)."""
     from test_batch import all_pages_free, prompts, same_outputs
 
-    eager, static = runtimes(models, sparse_draft_artifact(per_head=per_head))
+    eager, static = runtimes(models, sparse_draft_artifact(per_head=per_head),
+                             sparse_draft_guidance="all" if per_head else "first")
     ps = prompts(21, (200, 37, 150, 1))
     kw = dict(k=4, temperature=temperature, top_p=0.9, seed=7, eos_token_id=None)
     alone = eager.generate_batch(ps, 20, **kw)

@@ -206,8 +206,8 @@ class BatchEngine:
         lens = (pos + 1).to(torch.int32)
         rec = self.scores[:b]
         record = {i: rec[:, r] for r, i in enumerate(plan.record_layers)}  # the first forward records every row
-        guide = {i: record[i] for i in plan.guide_layers}
         sparse = self._draft_selections(b) if plan.draft_sparse_layers else {}
+        guide = {i: record[i] for i in plan.guide_layers} if not sparse or plan.sparse_forwards_guide else {}
         ids, p = torch.cat([self.prev[:b], self.cur[:b]], dim=1), pos[:, :2]
         for s in range(k):
             kv_len = lens[:, s + 1].contiguous()

@@ -64,6 +64,10 @@ class SparsePlan:
     # forward's attention selects, with their own p (per draft KV head when the plan is per head).
     draft_sparse_layers: tuple[int, ...] = ()
     draft_top_p: tuple[float, ...] = ()
+    # With sparse drafting, whether the sparse forwards also add their attention to the guiding rows. Off by
+    # default: a sparse forward's mass lies only on the chunks the draft selected (at the draft's p), so summed into
+    # the rows it pulls the target's top-p inside the draft's selection; the first forward's dense row does not.
+    sparse_forwards_guide: bool = False
 
     def __post_init__(self):
         if bool(self.head_map) != bool(self.top_p_head):
@@ -307,12 +311,13 @@ class DecodeEngine:
         """What each of the ``k`` draft forwards' attention reads and records (subclasses draft differently).
 
         The first forward records every row (the guiding layers' and the sparse-drafting layers'); the others
-        record the guiding layers' only and, with sparse drafting, read the draft selection in those layers."""
+        record the guiding layers' only and, with sparse drafting, read the draft selection in those layers (and
+        record nothing unless ``plan.sparse_forwards_guide``)."""
         c, backend, plan = self.plan.chunk_size, self.backend, self.plan
         kv_d = self.store.kv["draft"]
         rows = {i: self.scores[r : r + 1] for r, i in enumerate(plan.record_layers)}
-        guide = {i: rows[i] for i in plan.guide_layers}
         sparse = {i: self._draft_selection(r) for r, i in enumerate(plan.draft_sparse_layers)}
+        guide = {i: rows[i] for i in plan.guide_layers} if not sparse or plan.sparse_forwards_guide else {}
         ctx = [ForwardContext(kv_d, self.draft_pos[0:2], self.draft_lens[1:2], c, backend, record=rows,
                               record_last_query=True)]
         return ctx + [ForwardContext(kv_d, self.draft_pos[s + 1 : s + 2], self.draft_lens[s + 1 : s + 2], c, backend,
