@@ -27,6 +27,7 @@ flow), the default elsewhere and the reference the engine is tested against. ``k
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from . import hooks, rng, validate
 from .artifact import Artifact, load_artifact
 from .engine import DecodeEngine, KVStore, SelfSpecEngine, SparsePlan, make_forward, self_plan
 from .engine.batch import BatchEngine
+from .engine.step import sampling_mode
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
@@ -84,6 +86,9 @@ def check_against_models(art: Artifact, draft_dir: Path | None, target_dir: Path
                          f"{target_dir}'s {tok[:16]}...")
 
 
+UNCAPTURABLE_MODEL_TYPES = frozenset({"gpt_oss"})
+
+
 class SpecAttnRuntime:
     """Sparse speculative generation driven by a calibration artifact. Build with :meth:`from_artifact`.
 
@@ -124,8 +129,21 @@ class SpecAttnRuntime:
         if variant_models and backend == "flashinfer":
             raise ValueError(f"the models use {', '.join(sorted(variant_models))}, which FlashInfer's block-sparse "
                              "wrapper does not implement; use backend 'triton' (or 'torch')")
+        # What the H200 checked (bench/RESULTS.md, 2026-12-04): CUDA graphs equal the eager loop on Mistral, Qwen2
+        # with window layers, Gemma 2 and Gemma 3; GPT-OSS's mixture-of-experts layer (transformers' grouped_mm
+        # routing copies host tensors) cannot be captured in a CUDA graph, so "auto" keeps it on the eager loop, and
+        # torch.compile over the variant models is not yet verified there, so it is opt-in (compile=True).
+        uncapturable = sorted({m.config.model_type for m in (draft, target)} & UNCAPTURABLE_MODEL_TYPES)
+        if engine == "static" and on_cuda and uncapturable:
+            raise ValueError(f"{', '.join(uncapturable)} cannot run on the decode engine on CUDA: its expert routing "
+                             "(transformers' grouped_mm) copies host tensors, which a CUDA graph cannot capture; use "
+                             "engine='auto' or 'eager'")
+        if engine == "auto" and on_cuda and uncapturable:
+            warnings.warn(f"{', '.join(uncapturable)}: its forward cannot be captured as a CUDA graph (expert "
+                          "routing copies host tensors); running the eager loop", stacklevel=2)
+            engine = "eager"
         self.engine = ("static" if on_cuda else "eager") if engine == "auto" else engine
-        self.compile = on_cuda if compile is None else bool(compile)
+        self.compile = (on_cuda and not variant_models) if compile is None else bool(compile)
         if selection == "auto":  # the Triton kernel where it compiles, the same search in torch elsewhere
             selection = "triton" if on_cuda else "threshold"
         if backend == "auto":
@@ -337,7 +355,7 @@ class SpecAttnRuntime:
     def _batch_runner(self, k: int, temperature: float, top_p: float, slots: int, seqs, pool, prefill_tokens):
         from .batched import max_pages_for, runner_for
 
-        sampling = "greedy" if temperature <= 0 else ("sample_top_p" if top_p < 1.0 else "sample")
+        sampling = sampling_mode(temperature, top_p)
         key = (k, sampling, slots, max_pages_for(seqs, pool), prefill_tokens)
         runner = self._runners.get(key)
         if runner is None:
@@ -349,7 +367,7 @@ class SpecAttnRuntime:
                          eos_token_id: int | None, seed: int, on_tokens) -> GenerationOutput:
         stats = GenerationStats(engine="static", accepted_hist=[0] * (k + 1))
         t_start = time.perf_counter()
-        sampling = "greedy" if temperature <= 0 else ("sample_top_p" if top_p < 1.0 else "sample")
+        sampling = sampling_mode(temperature, top_p)
         eng = self._engine_for(k, sampling, len(ids) + max_new_tokens + k + 1)
         eng.capture()
         t_prefill = time.perf_counter()

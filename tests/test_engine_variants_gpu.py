@@ -24,6 +24,9 @@ WINDOWS = {"mistral-window-1kv": 100, "qwen2-window-layers": 37, "gemma2-softcap
            "gpt_oss-sinks": 100}
 N_PROMPT = 600
 DEVICE = "cuda"
+# GPT-OSS's expert routing cannot be captured in a CUDA graph (transformers' grouped_mm copies host tensors,
+# measured on the H200): the runtime keeps it on the eager loop on CUDA (test below)
+CAPTURABLE = [a for a in WINDOWS if a != "gpt_oss-sinks"]
 _MODELS: dict = {}
 
 
@@ -52,7 +55,18 @@ def artifact(mode: str = "draft"):
     return art if mode == "draft" else dataclasses.replace(art, metadata={**art.metadata, "mode": "self"})
 
 
-@pytest.mark.parametrize("arch", list(WINDOWS))
+def test_gpt_oss_stays_on_the_eager_loop_on_cuda():
+    ref, draft, target = models("gpt_oss-sinks")
+    ids = prompt(6)
+    with pytest.warns(UserWarning, match="gpt_oss"):
+        rt = SpecAttnRuntime(artifact(), draft, target)
+    assert rt.engine == "eager"
+    assert rt.generate(ids, 16, k=3, eos_token_id=None).tokens == greedy(ref, ids, 16)
+    with pytest.raises(ValueError, match="gpt_oss cannot run on the decode engine"):
+        SpecAttnRuntime(artifact(), draft, target, engine="static")
+
+
+@pytest.mark.parametrize("arch", CAPTURABLE)
 def test_graphs_equal_eager_loop(arch):
     _, draft, target = models(arch)
     art, ids = artifact(), prompt()
@@ -68,7 +82,7 @@ def test_graphs_equal_eager_loop(arch):
             assert a.stats.accepted_hist == b.stats.accepted_hist
 
 
-@pytest.mark.parametrize("arch", list(WINDOWS))
+@pytest.mark.parametrize("arch", CAPTURABLE)
 def test_compiled_graphs_with_every_chunk_equal_transformers_greedy(arch):
     ref, draft, target = models(arch)
     ids = prompt(4)
@@ -82,7 +96,7 @@ def test_compiled_graphs_with_every_chunk_equal_transformers_greedy(arch):
     assert self_rt.generate(ids, 40, k=4, eos_token_id=None).tokens == want
 
 
-@pytest.mark.parametrize("arch", ["gemma3-1kv", "gpt_oss-sinks"])
+@pytest.mark.parametrize("arch", ["gemma3-1kv", "gemma2-softcap-d256"])
 def test_sparse_self_speculation_stays_lossless(arch):
     """Sparse drafting (p = 0.3) inside the windows, captured: still the model's greedy tokens."""
     ref, _, target = models(arch)

@@ -45,6 +45,12 @@ from .kv import KVStore
 SAMPLING_MODES = ("greedy", "sample", "sample_top_p")
 
 
+def sampling_mode(temperature: float, top_p: float) -> str:
+    """The phases a request needs: greedy (``temperature <= 0``), sampling, or sampling with the nucleus filter
+    (whose sort the other graphs leave out)."""
+    return "greedy" if temperature <= 0 else ("sample_top_p" if top_p < 1.0 else "sample")
+
+
 @dataclass(frozen=True)
 class SparsePlan:
     """Which target layers verify sparsely, guided by which draft layer, at which top-p.

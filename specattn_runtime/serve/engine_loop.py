@@ -31,17 +31,13 @@ from dataclasses import dataclass, field
 
 from ..engine.runner import BatchRunner
 from ..engine.sequence import Sequence, Status
+from ..engine.step import sampling_mode
 
 log = logging.getLogger("specattn.serve")
 
 
 class QueueFull(Exception):
     """The waiting queue holds ``max_waiting`` requests: answer 503 and ask the client to retry."""
-
-
-def sampling_mode(temperature: float, top_p: float) -> str:
-    """The engine phases a request needs (the rule ``SpecAttnRuntime.generate`` applies)."""
-    return "greedy" if temperature <= 0 else ("sample_top_p" if top_p < 1.0 else "sample")
 
 
 @dataclass(eq=False)
