@@ -30,7 +30,8 @@ from ..rng import SLOT_FINAL, sample
 from ..sampling import greedy_accept_batch, probs_device, rejection_accept_batch
 from .forward import ForwardContext, active
 from .pages import SCRATCH_PAGE, PagedKVPool
-from .step import SAMPLING_MODES, SparsePlan, draft_selection_rows, read_share, selection_rows, topp_into
+from .step import (SAMPLING_MODES, SparsePlan, draft_selection_rows, read_share, selection_buffers, selection_rows,
+                   topp_into)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes a step runs (and captures graphs) at
 
@@ -125,21 +126,14 @@ class BatchEngine:
         self.scores = torch.zeros(bm, len(plan.record_layers), *heads, c, dtype=torch.float32, device=dev)
         rows, p = selection_rows(plan, hd)
         self.R = len(rows)
-        self.score_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
-        self.sel_p = torch.tensor(p, dtype=torch.float32, device=dev).repeat(bm)
-        self.n_valid, self.recent_start, self.idx, self.count = self._selection_rows(bm * self.R)
+        (self.score_rows, self.sel_p, self.n_valid, self.recent_start, self.idx,
+         self.count) = selection_buffers(rows, p, c, dev, bm)
         # sparse drafting: the draft's own rows, p and selection, ``RD`` rows per slot
         drows, dp = draft_selection_rows(plan, hd)
         self.RD = len(drows)
-        self.dscore_rows = torch.tensor(drows, dtype=torch.int64, device=dev)
-        self.dsel_p = torch.tensor(dp, dtype=torch.float32, device=dev).repeat(bm)
-        self.dn_valid, self.drecent_start, self.didx, self.dcount = self._selection_rows(bm * self.RD)
+        (self.dscore_rows, self.dsel_p, self.dn_valid, self.drecent_start, self.didx,
+         self.dcount) = selection_buffers(drows, dp, c, dev, bm)
         self.draft_kv_read = torch.zeros(bm, len(plan.draft_sparse_layers), dtype=torch.float64, device=dev)
-
-    def _selection_rows(self, n: int) -> tuple[torch.Tensor, ...]:
-        """``(n_valid, recent_start, idx, count)`` for ``n`` selection rows (int32 ``[n]``, ``[n]``, ``[n, C]``, ``[n]``)."""
-        z = dict(dtype=torch.int32, device=self.device)
-        return torch.zeros(n, **z), torch.zeros(n, **z), torch.zeros(n, self.n_chunks, **z), torch.zeros(n, **z)
 
     def _selections(self, b: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per sparse layer, its selection for the first ``b`` slots: ``(idx [b, C], count [b])`` or, per KV head,

@@ -133,6 +133,16 @@ def draft_selection_rows(plan: SparsePlan, draft_kv_heads: int | None) -> tuple[
     return rows, [p for p in plan.draft_top_p for _ in range(draft_kv_heads)]
 
 
+def selection_buffers(rows: list[int], p: list[float], n_chunks: int, device, slots: int = 1) -> tuple:
+    """The device state of one select phase for ``slots`` sequences (slot-major): ``score_rows`` int64 ``[R]``,
+    ``sel_p`` float32 ``[slots * R]``, then int32 ``n_valid`` / ``recent_start`` ``[slots * R]``, ``idx``
+    ``[slots * R, C]`` and ``count`` ``[slots * R]``."""
+    n, i32 = slots * len(rows), dict(dtype=torch.int32, device=device)
+    return (torch.tensor(rows, dtype=torch.int64, device=device),
+            torch.tensor(p, dtype=torch.float32, device=device).repeat(slots), torch.zeros(n, **i32),
+            torch.zeros(n, **i32), torch.zeros(n, n_chunks, **i32), torch.zeros(n, **i32))
+
+
 def topp_into(rows: torch.Tensor, p: torch.Tensor, n_valid: torch.Tensor, recent_start: torch.Tensor,
               idx: torch.Tensor, count: torch.Tensor, backend: str) -> None:
     """Top-p over score ``rows`` ``[R, C]`` into ``idx`` ``[R, C]`` / ``count`` ``[R]`` (static shapes: the engines'
@@ -261,23 +271,11 @@ class DecodeEngine:
         else:
             hd = None
             self.scores = torch.zeros(n_rec, n_chunks, dtype=torch.float32, device=dev)
-        rows, p = selection_rows(plan, hd)
-        n = len(rows)
-        self.score_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
-        self.sel_p = torch.tensor(p, dtype=torch.float32, device=dev)
-        self.n_valid = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.recent_start = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.idx = torch.zeros(n, n_chunks, dtype=torch.int32, device=dev)
-        self.count = torch.zeros(n, dtype=torch.int32, device=dev)
-        # sparse drafting: the same four buffers for the draft's own selection (``d`` prefix)
-        drows, dp = draft_selection_rows(plan, hd)
-        nd = len(drows)
-        self.dscore_rows = torch.tensor(drows, dtype=torch.int64, device=dev)
-        self.dsel_p = torch.tensor(dp, dtype=torch.float32, device=dev)
-        self.dn_valid = torch.zeros(nd, dtype=torch.int32, device=dev)
-        self.drecent_start = torch.zeros(nd, dtype=torch.int32, device=dev)
-        self.didx = torch.zeros(nd, n_chunks, dtype=torch.int32, device=dev)
-        self.dcount = torch.zeros(nd, dtype=torch.int32, device=dev)
+        (self.score_rows, self.sel_p, self.n_valid, self.recent_start, self.idx,
+         self.count) = selection_buffers(*selection_rows(plan, hd), n_chunks, dev)
+        # sparse drafting: the same buffers for the draft's own selection (``d`` prefix)
+        (self.dscore_rows, self.dsel_p, self.dn_valid, self.drecent_start, self.didx,
+         self.dcount) = selection_buffers(*draft_selection_rows(plan, hd), n_chunks, dev)
         self.draft_kv_read = torch.zeros(len(plan.draft_sparse_layers), dtype=torch.float64, device=dev)
 
     def _draft_kv_heads(self) -> int:
