@@ -122,6 +122,8 @@ class SpecAttnRuntime:
                 raise ValueError("a self-speculative artifact (mode 'self') runs with backend 'torch' or 'triton'; "
                                  "the FlashInfer wrapper takes one selection per layer")
             draft = target
+        for m in {id(draft): draft, id(target): target}.values():
+            _use_specattn_attention(m)
         self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
         # Sliding windows, soft-capping and sinks: the torch and Triton backends implement them in both engines
         # (the kernels take each layer's variant); FlashInfer's block-sparse wrapper does not and refuses them.
@@ -451,6 +453,27 @@ class SpecAttnRuntime:
 
             gc.collect()  # an engine and its bound phase methods form a cycle: free the caches now, not later
             torch.cuda.empty_cache()
+
+
+def _use_specattn_attention(model) -> None:
+    """Route ``model``'s attention through the ``"specattn"`` function (hooks.py), which both engines drive.
+
+    Models loaded by :meth:`SpecAttnRuntime.from_artifact` already use it; a model the caller loaded with its
+    default attention (SDPA, eager) is switched in place. Outside a SpecAttn step the function computes the layer's
+    own dense attention, so the model's other uses are unchanged. Without the switch the eager loop's selection and
+    the engine's cache would silently never run.
+    """
+    name = hooks.register()
+    if model.config._attn_implementation == name:
+        return
+    before = model.config._attn_implementation
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(name)
+    if model.config._attn_implementation != name:
+        raise ValueError(f"{type(model).__name__} uses attention {before!r} and could not be switched to {name!r}; "
+                         f"load it with attn_implementation=specattn_runtime.hooks.register() (as "
+                         "SpecAttnRuntime.from_artifact does)")
 
 
 class _Caches:

@@ -68,3 +68,22 @@ def test_sparse_generation_reads_a_fraction(device):
     kv = out.stats.kv_read_fraction
     assert len(out.tokens) == 24 and kv[0] == 1.0 and all(0 < f < 1 for f in kv[1:]), kv
     print(device, json.dumps(out.stats.summary()))
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_models_loaded_with_their_default_attention_are_switched(engine):
+    """Models the caller loaded without ``attn_implementation="specattn"`` (transformers' default, SDPA) get our
+    attention function in place: the sparse path then runs (reads a fraction) and gives the tokens of models
+    loaded with it, rather than silently decoding densely or failing inside a step."""
+    def plain(model):
+        model.set_attn_implementation("sdpa")
+        return model
+
+    prompt = torch.randint(0, 512, (700,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref = runtime("cpu", 0.5, engine=engine).generate(prompt, 12, k=3, eos_token_id=None)
+    rt = runtime("cpu", 0.5, engine=engine)
+    rt = SpecAttnRuntime(rt.artifact, plain(rt.draft), plain(rt.target), engine=engine)
+    assert rt.draft.config._attn_implementation == rt.target.config._attn_implementation == "specattn"
+    out = rt.generate(prompt, 12, k=3, eos_token_id=None)
+    assert out.tokens == ref.tokens
+    assert all(0 < f < 1 for f in out.stats.kv_read_fraction[1:]), out.stats.kv_read_fraction
