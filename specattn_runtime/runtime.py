@@ -39,6 +39,7 @@ from .engine.batch import BatchEngine
 from .engine.step import sampling_mode
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
 from .models import check_model_dir, load_causal_lm, load_tokenizer
+from .moe import use_capturable_experts
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
 from .variants import check_supported, layer_windows, model_features
 
@@ -86,7 +87,8 @@ def check_against_models(art: Artifact, draft_dir: Path | None, target_dir: Path
                          f"{target_dir}'s {tok[:16]}...")
 
 
-UNCAPTURABLE_MODEL_TYPES = frozenset({"gpt_oss"})
+# Mixture-of-experts models whose experts the runtime switches to moe.py's capturable implementation
+MOE_MODEL_TYPES = frozenset({"gpt_oss"})
 
 
 class SpecAttnRuntime:
@@ -122,8 +124,13 @@ class SpecAttnRuntime:
                 raise ValueError("a self-speculative artifact (mode 'self') runs with backend 'torch' or 'triton'; "
                                  "the FlashInfer wrapper takes one selection per layer")
             draft = target
+        uncapturable = set()
         for m in {id(draft): draft, id(target): target}.values():
             _use_specattn_attention(m)
+            # transformers' default experts (grouped_mm) copy between host and device, which a CUDA graph cannot
+            # capture; moe.py's experts can. Switched on every device, so the CPU engine runs what the GPU captures.
+            if m.config.model_type in MOE_MODEL_TYPES and not use_capturable_experts(m):
+                uncapturable.add(m.config.model_type)
         self.artifact, self.draft, self.target, self.tokenizer = artifact, draft, target, tokenizer
         # Sliding windows, soft-capping and sinks: the torch and Triton backends implement them in both engines
         # (the kernels take each layer's variant); FlashInfer's block-sparse wrapper does not and refuses them.
@@ -132,16 +139,18 @@ class SpecAttnRuntime:
             raise ValueError(f"the models use {', '.join(sorted(variant_models))}, which FlashInfer's block-sparse "
                              "wrapper does not implement; use backend 'triton' (or 'torch')")
         # What the H200 checked (bench/RESULTS.md, 2026-12-04): CUDA graphs equal the eager loop on Mistral, Qwen2
-        # with window layers, Gemma 2 and Gemma 3; GPT-OSS's mixture-of-experts layer (transformers' grouped_mm
-        # routing copies host tensors) cannot be captured in a CUDA graph, so "auto" keeps it on the eager loop, and
-        # torch.compile over the variant models is not yet verified there, so it is opt-in (compile=True).
-        uncapturable = sorted({m.config.model_type for m in (draft, target)} & UNCAPTURABLE_MODEL_TYPES)
+        # with window layers, Gemma 2 and Gemma 3; torch.compile over the variant models is not yet verified there,
+        # so it is opt-in (compile=True). A mixture-of-experts model whose transformers cannot switch its experts
+        # to moe.py's (grouped_mm routing copies host tensors: not capturable) stays on the eager loop on CUDA.
+        uncapturable = sorted(uncapturable)
         if engine == "static" and on_cuda and uncapturable:
-            raise ValueError(f"{', '.join(uncapturable)} cannot run on the decode engine on CUDA: its expert routing "
-                             "(transformers' grouped_mm) copies host tensors, which a CUDA graph cannot capture; use "
+            raise ValueError(f"{', '.join(uncapturable)} cannot run on the decode engine on CUDA: this transformers "
+                             "cannot switch its experts to the capturable implementation (specattn_runtime/moe.py), "
+                             "and its own (grouped_mm) copies host tensors, which a CUDA graph cannot capture; use "
                              "engine='auto' or 'eager'")
         if engine == "auto" and on_cuda and uncapturable:
-            warnings.warn(f"{', '.join(uncapturable)}: its forward cannot be captured as a CUDA graph (expert "
+            warnings.warn(f"{', '.join(uncapturable)}: its forward cannot be captured as a CUDA graph (this "
+                          "transformers cannot switch its experts to specattn_runtime/moe.py's, and grouped_mm "
                           "routing copies host tensors); running the eager loop", stacklevel=2)
             engine = "eager"
         self.engine = ("static" if on_cuda else "eager") if engine == "auto" else engine
