@@ -4,7 +4,8 @@ The engine calls an unmodified transformers model with ``use_cache=False``, expl
 keyword ``specattn_engine=True``. The registered ``"specattn"`` attention function (``hooks.py``) then hands the
 new tokens' (post-RoPE) query, key and value to one custom op, ``specattn::engine_attention``, which:
 
-1. writes the new keys and values into the engine's preallocated cache at ``write_pos`` (a device tensor);
+1. writes the new keys and values into the engine's preallocated cache at ``write_pos`` (a device tensor; a
+   sliding-window layer's ring at ``write_pos % ring``, ``ForwardContext.ring``);
 2. attends over the first ``kv_len`` positions (a device tensor) densely, or over the chunks the selection kernel
    left in ``idx[:count]`` (device tensors; one list per layer, or one per KV head), and, on recording layers,
    adds the chunk-pooled attention mass to a score row (or one row per KV head) inside the attention kernel.
@@ -37,7 +38,7 @@ from ..sparse.reference import attention_with_lengths_reference
 class ForwardContext:
     """The device buffers one forward of one model reads and writes (shapes for batch 1)."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V [1, Hkv, capacity, D]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V [1, Hkv, capacity or ring, D]
     write_pos: torch.Tensor  # int64 [Tq]: cache positions of the forward's tokens
     kv_len: torch.Tensor  # int32 [1]: keys visible to the last query (= write_pos[-1] + 1)
     chunk_size: int
@@ -51,6 +52,9 @@ class ForwardContext:
     # Paged pool (the batched engine): ``kv`` holds pools [n_pages, page_size, Hkv, D], ``write_pos`` the flat pool
     # rows [B * Tq] of the new tokens (sequence-major), ``kv_len`` int32 [B] and this int32 [B, max_pages].
     page_table: torch.Tensor | None = None
+    # Per layer: the slots of its ring (a sliding-window layer's window-sized cache, KVStore.ring; position p at slot
+    # p % ring), 0 = a full-length cache. Empty: no rings. Contiguous caches only.
+    ring: list[int] = field(default_factory=list)
 
 
 _ACTIVE: list[ForwardContext] = []
@@ -79,11 +83,15 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise RuntimeError("engine_attention runs only inside a decode-engine forward (no active ForwardContext)")
     ctx = _ACTIVE[-1]
     variant = dict(window=window or None, softcap=softcap or None, sinks=sinks)
+    ring = ctx.ring[layer] if ctx.ring else 0
     if ctx.page_table is not None:
+        if ring:
+            raise ValueError("a ring (window-sized) cache met the paged path: the paged pool keeps every position")
         return _paged_attention(ctx, query, key, value, layer, scale, variant)
     k_cache, v_cache = ctx.kv[layer]
-    k_cache.index_copy_(2, ctx.write_pos, key)
-    v_cache.index_copy_(2, ctx.write_pos, value)
+    slots = torch.remainder(ctx.write_pos, ring) if ring else ctx.write_pos  # positions stay logical elsewhere
+    k_cache.index_copy_(2, slots, key)
+    v_cache.index_copy_(2, slots, value)
     sel, rec = ctx.sparse.get(layer), ctx.record.get(layer)
     if ctx.backend == "triton":
         from ..sparse.triton_attn import sparse_attention_triton
@@ -91,12 +99,12 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         idx, count = sel if sel is not None else (None, None)
         out = sparse_attention_triton(query, k_cache, v_cache, idx, count, chunk_size=ctx.chunk_size, scale=scale,
                                       kv_lens=ctx.kv_len, record=rec, record_last_query=ctx.record_last_query,
-                                      **variant, **ctx.launch)
+                                      ring=ring, **variant, **ctx.launch)
     else:
         mask = indices_to_mask(*sel, n_chunks=sel[0].shape[-1]) if sel is not None else None
         out = attention_with_lengths_reference(query, k_cache, v_cache, ctx.kv_len, mask,
                                                chunk_size=ctx.chunk_size, scale=scale, record=rec,
-                                               record_last_query=ctx.record_last_query, **variant)
+                                               record_last_query=ctx.record_last_query, ring=ring, **variant)
     return out.transpose(1, 2).contiguous()
 
 

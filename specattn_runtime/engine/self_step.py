@@ -82,14 +82,14 @@ class SelfSpecEngine(DecodeEngine):
         # The verification is dense and records; the drafting forwards (built by _draft_contexts) are the sparse ones.
         rows = {j: self.scores[r : r + 1] for r, j in enumerate(plan.record_layers)}
         self.verify_ctx = ForwardContext(store.kv["target"], self.verify_pos, self.verify_len, c, self.backend,
-                                         record=rows, launch=dict(record_launch or {}))
+                                         record=rows, launch=dict(record_launch or {}), ring=store.ring["target"])
         self.all_chunks = torch.arange(self.idx.shape[1], dtype=torch.int32, device=self.device)
 
     def _draft_contexts(self) -> list[ForwardContext]:
         kv_t = self.store.kv["target"]
         sparse = {j: (self.idx[r : r + 1], self.count[r : r + 1]) for r, j in enumerate(self.plan.sparse_layers)}
         return [ForwardContext(kv_t, self.draft_pos[s : s + 1], self.draft_lens[s : s + 1], self.plan.chunk_size,
-                               self.backend, sparse=sparse) for s in range(self.k)]
+                               self.backend, sparse=sparse, ring=self.store.ring["target"]) for s in range(self.k)]
 
     def _phase_table(self) -> dict:
         # select last: it needs the accepted length (the next round's L), and the next draft needs its result

@@ -206,6 +206,9 @@ class DecodeEngine:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        if store.has_rings and k + 1 > store.max_forward_tokens:  # the rings are sized for that many (ring.py)
+            raise ValueError(f"k = {k}: a verification writes k + 1 tokens, more than the {store.max_forward_tokens} "
+                             "the store's window-layer rings keep room for (KVStore(max_forward_tokens=...))")
         self.target, self.store, self.plan, self.k = target, store, plan, k
         self.forwards, self.sampling, self.backend = forwards, sampling, backend
         dev = store.device
@@ -245,7 +248,8 @@ class DecodeEngine:
         # -- what each forward's attention reads
         kv_t = store.kv["target"]
         self.verify_ctx = ForwardContext(kv_t, self.verify_pos, self.verify_len, c, backend,
-                                         sparse={j: self._layer_selection(r) for r, j in enumerate(plan.sparse_layers)})
+                                         sparse={j: self._layer_selection(r) for r, j in enumerate(plan.sparse_layers)},
+                                         ring=store.ring["target"])
         self.draft_ctx = self._draft_contexts() if k else []
         self.phases = self._phase_table()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
@@ -322,10 +326,11 @@ class DecodeEngine:
         rows = {i: self.scores[r : r + 1] for r, i in enumerate(plan.record_layers)}
         sparse = {i: self._draft_selection(r) for r, i in enumerate(plan.draft_sparse_layers)}
         guide = {i: rows[i] for i in plan.guide_layers} if not sparse or plan.sparse_forwards_guide else {}
+        ring = self.store.ring["draft"]
         ctx = [ForwardContext(kv_d, self.draft_pos[0:2], self.draft_lens[1:2], c, backend, record=rows,
-                              record_last_query=True)]
+                              record_last_query=True, ring=ring)]
         return ctx + [ForwardContext(kv_d, self.draft_pos[s + 1 : s + 2], self.draft_lens[s + 1 : s + 2], c, backend,
-                                     sparse=sparse, record=guide) for s in range(1, self.k)]
+                                     sparse=sparse, record=guide, ring=ring) for s in range(1, self.k)]
 
     def _phase_table(self) -> dict:
         """Phase name -> function, in replay order."""

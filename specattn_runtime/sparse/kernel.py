@@ -28,6 +28,10 @@ Attention variants, each a constexpr switch (off: the code compiled before they 
 row's window are never loaded, and the dense path starts at the window's first chunk), ``SOFTCAP``
 (``softcap * tanh(logit / softcap)`` on the scaled logit, before the mask) and, in ``_combine_kernel``, ``SINKS``
 (a per-query-head logit in the softmax denominator only). Recording sees the logits the output used.
+
+``RING`` (contiguous layout only): the cache of a sliding-window layer is a ring of ``ring`` slots, position ``p``
+at slot ``p % ring``. Only the load address changes: positions, the window, chunk ids and recorded chunks stay
+logical, and the window bound (keys below ``lo`` are never loaded) is what keeps an overwritten slot unread.
 """
 
 import triton
@@ -46,7 +50,7 @@ def _tanh(x):
 @triton.jit
 def _sparse_attn_split_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, o_part_ptr, m_part_ptr, l_part_ptr,
-    table_ptr, len_ptr, rec_m_ptr, rec_l_ptr, sm_scale, n_keys, window, softcap, stride_tb,
+    table_ptr, len_ptr, rec_m_ptr, rec_l_ptr, sm_scale, n_keys, window, softcap, ring, stride_tb,
     stride_rb, stride_rh, stride_rm,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -56,7 +60,7 @@ def _sparse_attn_split_kernel(
     Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr, CHUNKS_PER_ITER: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     RAGGED: tl.constexpr, DENSE: tl.constexpr, RECORD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, RING: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -114,9 +118,10 @@ def _sparse_attn_split_kernel(
             page = tl.load(table_ptr + b * stride_tb + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
             k_row = (page * stride_kb)[:, None] + (key_pos % PAGE)[:, None] * stride_kt
             v_row = (page * stride_vb)[:, None] + (key_pos % PAGE)[:, None] * stride_vt
-        else:
-            k_row = b * stride_kb + key_pos[:, None] * stride_kt
-            v_row = b * stride_vb + key_pos[:, None] * stride_vt
+        else:  # RING: a window layer's ring of ``ring`` slots holds position p at slot p % ring
+            slot_pos = key_pos % ring if RING else key_pos
+            k_row = b * stride_kb + slot_pos[:, None] * stride_kt
+            v_row = b * stride_vb + slot_pos[:, None] * stride_vt
         k = tl.load(k_ptr + k_row + kvh * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(v_ptr + v_row + kvh * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         if SOFTCAP:  # softcap * tanh(logit / softcap), on the scaled logit (natural domain), then to log2

@@ -89,8 +89,8 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
                                      scale: float | None = None, record: torch.Tensor | None = None,
                                      record_weight: float | None = None,
                                      record_last_query: bool = False, window: int | None = None,
-                                     softcap: float | None = None, sinks: torch.Tensor | None = None
-                                     ) -> torch.Tensor:
+                                     softcap: float | None = None, sinks: torch.Tensor | None = None,
+                                     ring: int = 0) -> torch.Tensor:
     """Causal attention over a preallocated cache whose valid length lives in a tensor (the decode engine's form).
 
     Static shapes, no host read of the lengths: what the engine's torch backend runs, and the reference for the
@@ -117,18 +117,31 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         The layer's variant (:mod:`specattn_runtime.variants`): keys at or before ``position - window`` are not
         visible (a selection is intersected with the window); ``softcap * tanh(logit / softcap)``; one logit per
         query head, float ``[H]``, joining the softmax denominator only.
+    ring : int
+        0: slot ``s`` of ``k`` / ``v`` holds position ``s``. Otherwise the cache is a ring of ``ring = cap`` slots
+        (a sliding-window layer's, :mod:`specattn_runtime.engine.ring`): position ``p`` lives at slot ``p % ring``,
+        so slot ``s`` holds the newest position below ``kv_lens[b]`` congruent to it. Positions, masks, chunk
+        selections (``chunk_mask`` and ``record`` then span the logical chunks, ``>= ceil(kv_lens / chunk_size)``)
+        stay logical; only where a key is read from changes. Needs ``window`` with ``ring >= window + Tq - 1``.
     """
     b, h, tq, d = q.shape
     hkv, cap = k.shape[1], k.shape[2]
     scale = scale if scale is not None else d ** -0.5
-    key_pos = torch.arange(cap, device=q.device)
+    if ring:
+        _check_ring(ring, cap, window, tq)
+    key_pos = slot_positions(kv_lens.to(q.device), cap, ring)  # [1 or B, cap]: the position each slot holds
     q_pos = (kv_lens.to(q.device).long()[:, None] - tq + torch.arange(tq, device=q.device)).clamp_min(0)  # [B, Tq]
-    allowed = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, Tq, cap]: causal, hence < kv_lens
+    allowed = (key_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, Tq, cap]: causal, hence < kv_lens
+    if ring:  # slots not yet written at this length hold no position
+        allowed = allowed & (key_pos >= 0)[:, None, None, :]
     if window is not None:
-        allowed = allowed & (key_pos[None, None, :] > q_pos[:, :, None] - window)[:, None]
+        allowed = allowed & (key_pos[:, None, :] > q_pos[:, :, None] - window)[:, None]
     if chunk_mask is not None:
-        n_chunks = -(-cap // chunk_size)
-        keys = key_mask_from_chunks(chunk_mask[..., :n_chunks], cap, chunk_size)  # [B, cap] or [B, Hkv, cap]
+        if ring:
+            keys = _slot_chunk_mask(chunk_mask, key_pos, chunk_size)
+        else:
+            n_chunks = -(-cap // chunk_size)
+            keys = key_mask_from_chunks(chunk_mask[..., :n_chunks], cap, chunk_size)  # [B, cap] or [B, Hkv, cap]
         # per KV head: a group's query heads are consecutive (head i reads KV head i // (H / Hkv))
         keys = keys.repeat_interleave(h // hkv, dim=1) if keys.ndim == 3 else keys[:, None]  # [B, 1 or H, cap]
         allowed = allowed & keys[:, :, None, :]  # [B, 1 or H, Tq, cap]
@@ -143,10 +156,44 @@ def attention_with_lengths_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     out = torch.matmul(probs.to(q.dtype).view(b, hkv, (h // hkv) * tq, cap), v).view(b, h, tq, v.shape[-1])
     outputs = hkv if record.ndim == 3 else 1  # score rows: one per KV head, or one for all heads
     mass = (probs[:, :, -1:] if record_last_query else probs).reshape(b, outputs, -1, cap)
+    weight = (outputs / h) if record_weight is None else float(record_weight)
+    if ring:  # each slot's mass goes to its position's logical chunk
+        chunk = (key_pos.clamp_min(0) // chunk_size).expand(b, cap)[:, None].expand(b, outputs, cap)
+        pooled = torch.zeros(b, outputs, record.shape[-1], dtype=mass.dtype, device=mass.device)
+        pooled.scatter_add_(-1, chunk, mass.sum(2))  # [B, outputs, C]
+        record += weight * (pooled if record.ndim == 3 else pooled[:, 0])
+        return out
     pad = -cap % chunk_size
     if pad:
         mass = F.pad(mass, (0, pad))
     pooled = mass.view(b, outputs, mass.shape[2], -1, chunk_size).sum(-1).sum(2)  # [B, outputs, C]
-    weight = (outputs / h) if record_weight is None else float(record_weight)
     record[..., : pooled.shape[-1]] += weight * (pooled if record.ndim == 3 else pooled[:, 0])
     return out
+
+
+def slot_positions(kv_lens: torch.Tensor, slots: int, ring: int = 0) -> torch.Tensor:
+    """int64 ``[1, slots]`` (``ring`` 0: slot ``s`` holds position ``s``) or ``[B, slots]``: the newest position
+    below ``kv_lens[b]`` that lives in slot ``s`` of a ring of ``ring`` slots (negative: none yet)."""
+    s = torch.arange(slots, device=kv_lens.device)
+    if not ring:
+        return s[None]
+    last = kv_lens.long()[:, None] - 1  # [B, 1]
+    return last - torch.remainder(last - s, ring)
+
+
+def _slot_chunk_mask(chunk_mask: torch.Tensor, key_pos: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """bool ``[B, slots]`` or ``[B, Hkv, slots]``: whether each slot's position lies in a selected logical chunk
+    (``chunk_mask`` ``[B, C]`` or ``[B, Hkv, C]``; slots holding no position read chunk 0, masked elsewhere)."""
+    chunk = (key_pos.clamp_min(0) // chunk_size).expand(chunk_mask.shape[0], -1)  # [B, slots]
+    if chunk_mask.ndim == 3:
+        chunk = chunk[:, None].expand(-1, chunk_mask.shape[1], -1)
+    return torch.gather(chunk_mask, -1, chunk)
+
+
+def _check_ring(ring: int, slots: int, window: int | None, tq: int) -> None:
+    """A ring holds a window layer's last ``ring`` positions: every key the ``tq`` queries can see must fit."""
+    if ring != slots:
+        raise ValueError(f"ring={ring} must be the cache's slot count ({slots}): position p lives at slot p % ring")
+    if window is None or ring < window + tq - 1:
+        raise ValueError(f"a ring cache of {ring} slots needs a window with ring >= window + Tq - 1 (window "
+                         f"{window}, Tq {tq}): the queries' oldest visible key would be overwritten")

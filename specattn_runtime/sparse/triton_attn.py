@@ -20,7 +20,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                             page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                             record: torch.Tensor | None = None, record_weight: float | None = None,
                             record_last_query: bool = False, window: int | None = None,
-                            softcap: float | None = None, sinks: torch.Tensor | None = None,
+                            softcap: float | None = None, sinks: torch.Tensor | None = None, ring: int = 0,
                             chunks_per_iter: int = CHUNKS_PER_ITER, num_warps: int = 4, num_stages: int = 2
                             ) -> torch.Tensor:
     """Block-sparse causal attention of ``q`` (the newest ``Tq`` positions) over the chunks ``idx[b, :count[b]]``.
@@ -59,6 +59,13 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         Logit soft-capping: ``softcap * tanh(scale * q.k / softcap)`` before the mask and the softmax.
     sinks : torch.Tensor, optional
         float ``[H]``: one logit per query head that joins the softmax denominator only (GPT-OSS's ``s_aux``).
+    ring : int
+        0: position ``p`` of a contiguous ``k`` / ``v`` is row ``p``. Otherwise ``k`` / ``v`` are a sliding-window
+        layer's ring of ``ring = Tk`` slots, position ``p`` at slot ``p % ring`` (the decode engine's window-sized
+        caches): needs ``kv_lens`` (the logical lengths), ``window`` with ``ring >= window + Tq - 1``, and a
+        contiguous layout (a paged pool is refused). Positions, selections and ``record`` stay logical: ``idx``
+        holds logical chunk ids and ``record`` spans the logical chunks (``>= ceil(max(kv_lens) / chunk_size)``,
+        not checked: the lengths live on the device).
     chunks_per_iter, num_warps, num_stages : int
         Launch settings (chunks gathered per key tile, warps, software-pipelining depth): the speed, never the
         result (``bench/kernels.py --sections decode`` sweeps them).
@@ -99,6 +106,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                          f"{tuple(idx.shape)} and {tuple(count.shape)}")
     cap = -(-tk // chunk_size) if dense else idx.shape[-1]
     window, softcap, sinks = _check_variant(window, softcap, sinks, h, q.device)
+    ring = _check_ring(ring, paged, kv_lens, window, tk, tq)
     if window is not None and dense:  # the chunks a windowed dense pass can visit: split over those, not the cache
         cap = min(cap, -(-(window + tq - 1) // chunk_size) + 1)
     if num_splits is None:
@@ -110,8 +118,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if out is None:
         out = torch.empty_like(q)
     rows = group * tq
-    if record is not None:
-        n_chunks = -(-tk // chunk_size)
+    if record is not None:  # chunks the recording buffers index: logical ones (a ring's slots are not chunks)
+        n_chunks = record.shape[-1] if ring else -(-tk // chunk_size)
         _check_record(record, b, hkv, n_chunks)
         # dense attention visits (and writes) every chunk up to the length; a selection, or a window (its dense
         # pass starts at the window's first chunk), leaves the others unwritten: they must read as zero mass
@@ -132,7 +140,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     table = page_table if paged else any_int
     _sparse_attn_split_kernel[(hkv, num_splits, b)](
         q, k, v, any_int if dense else idx, any_int if dense else count, o_part, m_part, l_part, table,
-        kv_lens if ragged else any_int, rec_m, rec_l, sm_scale, tk, window or 0, softcap or 1.0,
+        kv_lens if ragged else any_int, rec_m, rec_l, sm_scale, tk, window or 0, softcap or 1.0, ring,
         table.stride(0), rec_m.stride(0) if record is not None else 0, rec_m.stride(1) if record is not None else 0,
         rec_m.stride(2) if record is not None else 0,
         q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, 0 if dense else idx.stride(0),
@@ -142,7 +150,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         PAGED=paged, PAGE=page_size, RAGGED=ragged, DENSE=dense, RECORD=record is not None,
         # float32 models get float32 products (not TF32): the engine must reproduce transformers' logits
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WINDOW=window is not None,
-        SOFTCAP=softcap is not None, num_warps=num_warps, num_stages=num_stages,
+        SOFTCAP=softcap is not None, RING=bool(ring), num_warps=num_warps, num_stages=num_stages,
     )
     _combine_kernel[(hkv, rows, b)](
         o_part, m_part, l_part, out, lse, sinks if sinks is not None else m_part, num_splits, hkv,
@@ -180,6 +188,22 @@ def _check_variant(window, softcap, sinks, h: int, device: torch.device):
             raise ValueError(f"sinks must be a float tensor on {device}, got {sinks.dtype} on {sinks.device}")
         sinks = sinks.contiguous()
     return (None if window is None else int(window)), (None if softcap is None else float(softcap)), sinks
+
+
+def _check_ring(ring: int, paged: bool, kv_lens, window: int | None, tk: int, tq: int) -> int:
+    """A ring cache (``ring`` > 0) is contiguous, as long as its slots, read with device lengths within a window
+    that fits it (the queries' oldest visible key not yet overwritten); returns ``ring`` as an int."""
+    if not ring:
+        return 0
+    if paged:
+        raise ValueError("ring caches are contiguous [B, Hkv, ring, D] buffers; the paged pool keeps every position "
+                         "(pass ring=0 with a page_table)")
+    if kv_lens is None:
+        raise ValueError("a ring cache needs kv_lens: its slot count is not the key count")
+    from .reference import _check_ring as check_fits
+
+    check_fits(ring, tk, window, tq)
+    return int(ring)
 
 
 def _check_record(record: torch.Tensor, b: int, hkv: int, n_chunks: int) -> None:
