@@ -7,7 +7,9 @@ alone, which is what the batched engine is tested against.
 
 The pool (``engine/pages.py``) is kept by the runtime between calls and sized from ``kv_memory_gb`` (GiB of K/V for
 both models), ``kv_memory_fraction`` (of the GPU memory free now), or, given neither, from what the batch needs.
-A batch whose sequences cannot all be held at once is refused before any work, with the numbers.
+Models with sliding-window layers keep those layers in rings, one per running sequence (``max_batch`` of them,
+taken from the budget first); the rest of the budget is pages of the full layers. A batch whose sequences cannot
+all be held at once is refused before any work, with the numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from . import rng, validate
 from .engine import SparsePlan, self_plan
 from .engine.batch import BUCKETS, bucket_for
-from .engine.pages import PagedKVPool, bytes_per_page, pages_in_budget
+from .engine.pages import PagedKVPool, bytes_per_page, pool_ring_slots, ring_pool_bytes
 from .engine.runner import BatchRunner
 from .engine.sequence import Sequence
 from .stats import GenerationOutput
@@ -84,27 +86,32 @@ def pages_at_once(seqs: list[Sequence], slots: int) -> list[int]:
     return sorted((-(-s.positions_needed // PAGE_SIZE) for s in seqs), reverse=True)[:slots]
 
 
-def check_pool_fits(pool_pages: int, page_bytes: int, seqs: list[Sequence], slots: int) -> None:
-    """The ``slots`` largest sequences (those that may run at once) must fit the pool together."""
+def check_pool_fits(pool_pages: int, page_bytes: int, seqs: list[Sequence], slots: int, ring_bytes: int = 0) -> None:
+    """The ``slots`` largest sequences (those that may run at once) must fit the pool together (``ring_bytes``:
+    the rings of ``slots`` sequences, held beside the pages)."""
     need = pages_at_once(seqs, slots)
     if sum(need) > pool_pages - 1:
-        gb = (sum(need) + 1) * page_bytes / 2**30
+        gb = ((sum(need) + 1) * page_bytes + ring_bytes) / 2**30
         raise ValueError(f"the batch needs {sum(need)} KV pages of {PAGE_SIZE} positions at once "
-                         f"({len(need)} sequences), the pool has {pool_pages - 1}: raise kv_memory_gb to at least "
-                         f"{gb:.2f}, pass a smaller max_batch, or shorten the prompts or max_new_tokens")
+                         f"({len(need)} sequences), the pool has {max(pool_pages - 1, 0)}: raise kv_memory_gb to at "
+                         f"least {gb:.2f}, pass a smaller max_batch, or shorten the prompts or max_new_tokens")
 
 
 def pool_pages(models: dict, seqs: list[Sequence], slots: int, kv_memory_gb: float | None,
                kv_memory_fraction: float | None, current: PagedKVPool | None) -> int | None:
-    """Pages of the pool to run ``seqs`` on, or ``None`` when ``current`` is the size asked for (or, unsized, large
-    enough). Raises before anything is allocated when the batch cannot fit."""
-    page_bytes = bytes_per_page(models, PAGE_SIZE)
+    """Pages of the pool to run ``seqs`` on (with rings for ``slots`` sequences where the models have window
+    layers), or ``None`` when ``current`` is the size asked for (or, unsized, large enough). Raises before anything
+    is allocated when the batch cannot fit."""
+    ring = pool_ring_slots(models, PAGE_SIZE)
+    page_bytes = bytes_per_page(models, PAGE_SIZE, ring)
+    ring_bytes = ring_pool_bytes(models, ring, slots, PAGE_SIZE)
+    rings_held = current is None or not ring or current.ring_sequences >= slots
     if kv_memory_gb is not None and kv_memory_fraction is not None:
         raise ValueError("pass kv_memory_gb or kv_memory_fraction, not both")
     if kv_memory_gb is not None:
         if not kv_memory_gb > 0:
             raise ValueError(f"kv_memory_gb must be > 0, got {kv_memory_gb}")
-        n_pages = pages_in_budget(models, PAGE_SIZE, kv_memory_gb)
+        n_pages = int((kv_memory_gb * 2**30 - ring_bytes) // page_bytes)
     elif kv_memory_fraction is not None:
         if not 0 < kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction}")
@@ -112,14 +119,18 @@ def pool_pages(models: dict, seqs: list[Sequence], slots: int, kv_memory_gb: flo
         if dev.type != "cuda":
             raise ValueError("kv_memory_fraction sizes the pool from free GPU memory; on the CPU pass kv_memory_gb")
         free = torch.cuda.mem_get_info(dev)[0] + (current.nbytes() if current is not None else 0)
-        n_pages = int(free * kv_memory_fraction // page_bytes)
+        n_pages = int((free * kv_memory_fraction - ring_bytes) // page_bytes)
     else:  # what the batch needs at once, unless the pool already holds it
         need = sum(pages_at_once(seqs, slots))
-        if current is not None and current.n_pages - 1 >= need:
+        if current is not None and current.n_pages - 1 >= need and rings_held:
             return None
         n_pages = need + 1
-    check_pool_fits(n_pages, page_bytes, seqs, slots)
-    return None if current is not None and current.n_pages == n_pages else n_pages
+    if n_pages < 2:  # a budget without even one page beside the scratch page
+        raise ValueError(f"the KV budget holds no page of {PAGE_SIZE} positions ({page_bytes / 2**20:.2f} MiB each)"
+                         + (f" beside the window layers' rings of {slots} sequences ({ring_bytes / 2**30:.2f} GiB)"
+                            if ring_bytes else "") + ": raise kv_memory_gb or kv_memory_fraction, or lower max_batch")
+    check_pool_fits(n_pages, page_bytes, seqs, slots, ring_bytes)
+    return None if current is not None and current.n_pages == n_pages and rings_held else n_pages
 
 
 def max_pages_for(seqs: list[Sequence], pool: PagedKVPool) -> int:

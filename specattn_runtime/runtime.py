@@ -360,7 +360,7 @@ class SpecAttnRuntime:
         n_pages = pool_pages(models, seqs, slots, kv_memory_gb, kv_memory_fraction, self._pool)
         if n_pages is not None:  # free the old pool (and the graphs over it) before allocating the new one
             self.release_caches(single=False)
-            self._pool = PagedKVPool(models, n_pages, PAGE_SIZE)
+            self._pool = PagedKVPool(models, n_pages, PAGE_SIZE, ring_sequences=slots)
         return self._pool
 
     def _batch_runner(self, k: int, temperature: float, top_p: float, slots: int, seqs, pool, prefill_tokens):

@@ -6,6 +6,8 @@ Models: tests/test_variants.py's random-weight architectures in float32 (Mistral
 Gemma 2 with soft-capping and head_dim 256, Gemma 3 with one KV head, GPT-OSS with sinks) with windows of 100 and
 37 keys (window starts fall inside chunks) and prompts of 600 tokens, so the kernels skip whole chunks.
 Token-for-token comparisons run at p = 1 (why p < 1 cannot be compared on a GPU: tests/test_engine_gpu.py).
+Window layers keep window-sized caches (rings of 176 / 112 slots for windows of 100 / 37: every prompt wraps them),
+single sequence and, in ring pages, batched.
 """
 
 import copy
@@ -117,3 +119,14 @@ def test_sparse_self_speculation_stays_lossless(arch):
     ids = prompt(5)
     rt = SpecAttnRuntime(art, None, target, engine="static", compile=False, exact_dense_shortcut=False)
     assert rt.generate(ids, 40, k=4, eos_token_id=None).tokens == greedy(ref, ids, 40)
+
+
+@pytest.mark.parametrize("arch", ["gemma3-1kv", "mistral-window-1kv", "qwen2-window-layers"])
+def test_batched_graphs_over_ring_pages_equal_transformers_greedy(arch):
+    """generate_batch on ragged prompts, captured graphs over the pool's ring pages: each sequence's greedy."""
+    ref, draft, target = models(arch)
+    prompts = [prompt(s)[:n] for s, n in ((7, 600), (8, 430), (9, 520))]
+    rt = SpecAttnRuntime(artifact(), draft, target, engine="static", compile=False, exact_dense_shortcut=False)
+    outs = rt.generate_batch(prompts, 24, k=3, eos_token_id=None)
+    assert rt._pool.ring_slots and rt._pool.ring_allocator.n_free == rt._pool.ring_allocator.capacity
+    assert [o.tokens for o in outs] == [greedy(ref, p, 24) for p in prompts]

@@ -11,6 +11,11 @@ Engine: on random-weight Gemma 2 / Gemma 3 / Mistral / Qwen2-with-window-layers 
 instances with their windows of 16-24 keys), the CPU engine over ring caches equals the eager loop token for token
 on prompts and generations past the window and past the ring, greedy and seeded, k 1 and 4, and a second call
 reusing the prompt prefix; the store allocates ring-size buffers for local layers and full ones for the others.
+
+Batched engine: the paged pool keeps a ring of ring pages per running sequence for window layers (the kernel reads
+them through a ring-page table); ``generate_batch`` over rings equals the eager loop per prompt, with every chunk
+transformers' greedy; ring pages are taken at admission, waited for when none are free, and all returned; the
+budget counts the rings first.
 """
 
 import dataclasses
@@ -109,6 +114,43 @@ def test_kernel_over_a_ring_equals_the_reference(b, h, hkv, tq, cap, d, lens, wh
             close(rec, want_rec, f"ring {name}: recorded mass")
 
 
+@needs_triton
+@pytest.mark.parametrize("b,h,hkv,tq,cap,d,lens,where,extra", RING_CASES)
+def test_paged_ring_kernel_equals_the_reference(b, h, hkv, tq, cap, d, lens, where, extra, gen):
+    """The batched engine's layout: each sequence's ring in ring pages scattered over a NaN-poisoned pool, read
+    through a ring-page table (dense and a per-KV-head chunk list with recording), against the full-length
+    reference."""
+    q, k, v, _ = inputs(b, h, hkv, tq, cap, d, gen, sink=False)
+    q = q.to(DEVICE, DTYPE)
+    window = window_at(lens[-1], tq, where)
+    ring = -(-(window + tq - 1 + extra) // CHUNK) * CHUNK  # whole pages
+    per_seq = ring // CHUNK
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    table = (torch.randperm(b * per_seq, generator=gen) + 1).view(b, per_seq).to(torch.int32)  # page 0: scratch
+    pools = []
+    for x in (k, v):
+        rings = to_ring(x, lens, tq, window, ring, "nan")  # [B, Hkv, ring, D]
+        pool = torch.full((b * per_seq + 1, CHUNK, hkv, d), float("nan"))
+        pool[table.long().flatten()] = rings.view(b, hkv, per_seq, CHUNK, d).permute(0, 2, 3, 1, 4).flatten(0, 1)
+        pools.append(pool.to(DEVICE, DTYPE))
+    table = table.to(DEVICE)
+    n_chunks = -(-cap // CHUNK)
+    for name, sel, base in (("dense", None, None),
+                            ("per-head", random_selection(b, hkv, cap, lens, tq, gen, per_head=True),
+                             torch.rand(b, hkv, n_chunks, generator=gen))):
+        rec = None if base is None else base.to(DEVICE)
+        want_rec = None if base is None else base.clone().to(DEVICE)
+        idx, count = (None, None) if sel is None else mask_to_indices(sel.to(DEVICE))
+        got = sparse_attention_triton(q, *pools, idx, count, chunk_size=CHUNK, page_table=table, kv_lens=lens_t,
+                                      record=rec, window=window, ring=ring)
+        want = attention_with_lengths_reference(q.double(), k.to(DEVICE).double(), v.to(DEVICE).double(), lens_t,
+                                                None if sel is None else sel.to(DEVICE), chunk_size=CHUNK,
+                                                record=want_rec, window=window)
+        close(got, want, f"paged ring {name}")
+        if rec is not None:
+            close(rec, want_rec, f"paged ring {name}: recorded mass")
+
+
 def test_ring_arguments_are_checked():
     q, k = torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 32, 16)
     lens = torch.tensor([40], dtype=torch.int32)
@@ -118,10 +160,10 @@ def test_ring_arguments_are_checked():
         attention_with_lengths_reference(q, k, k, lens, chunk_size=CHUNK, window=8, ring=48)
     with pytest.raises(ValueError, match="needs kv_lens"):
         sparse_attention_triton(q, k, k, None, None, chunk_size=CHUNK, window=8, ring=32)
-    pool, table = torch.zeros(4, 16, 2, 16), torch.zeros(1, 4, dtype=torch.int32)
-    with pytest.raises(ValueError, match="paged pool keeps every position"):
+    pool, table = torch.zeros(4, 16, 2, 16), torch.zeros(1, 2, dtype=torch.int32)  # a ring table of 2 pages
+    with pytest.raises(ValueError, match="must be the cache's slot count"):
         sparse_attention_triton(q, pool, pool, None, None, chunk_size=CHUNK, page_table=table, kv_lens=lens,
-                                window=8, ring=16)
+                                window=8, ring=48)
 
 
 # -- the store and the engine ----------------------------------------------------------------------------------------
@@ -239,7 +281,7 @@ def test_self_speculation_and_plain_decoding_over_rings_are_lossless(arch):
 
 
 @needs_triton
-@pytest.mark.parametrize("arch", ["gemma2-softcap-d256", "mistral-window-1kv"])
+@pytest.mark.parametrize("arch", ["mistral-window-1kv"])  # soft-capping and head_dim 256: the batched Triton test
 @torch.no_grad()
 def test_engine_over_rings_through_triton_kernels(arch):
     """The kernels inside the engine over rings (dense decode, recording, top-p selection, sparse verification):
@@ -269,3 +311,100 @@ def test_short_context_keeps_plain_caches_and_k_is_bounded():
     assert store.has_rings and max(store.ring["target"]) == 32  # 16 + 4 rounded up to the chunk
     with pytest.raises(ValueError, match="max_forward_tokens"):
         DecodeEngine(target, store, SparsePlan(), 4, {"target": make_forward(target)}, backend="torch")
+
+
+# -- the batched engine: ring pages in the paged pool ----------------------------------------------------------------
+
+BATCH_PROMPTS = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                 for n in (150, 110, 190)]  # ragged, each past every ring (80-96 slots)
+
+
+@pytest.mark.parametrize("arch,k,temperature", [("gemma3-1kv", 4, 0.0), ("qwen2-window-layers", 4, 0.0),
+                                                ("mistral-window-1kv", 1, 0.8)])
+@torch.no_grad()
+def test_batched_engine_over_ring_pages_equals_eager_loop(arch, k, temperature):
+    """Three ragged prompts in one batch: each sequence's tokens and acceptance equal the eager loop's alone; the
+    window layers' pools hold rings of ring pages (one set per slot, not per position), and every page and ring
+    page is free afterwards."""
+    from specattn_runtime import SpecAttnRuntime
+    from specattn_runtime.variants import layer_windows
+    from test_engine_variants import artifact
+
+    draft, target = engine_models(arch)
+    art = artifact(0.6)
+    eager = SpecAttnRuntime(art, draft, target, engine="eager", exact_dense_shortcut=False)
+    static = SpecAttnRuntime(art, draft, target, engine="static", exact_dense_shortcut=False)
+    kw = dict(k=k, temperature=temperature, top_p=0.9, seed=11, eos_token_id=None)
+    outs = static.generate_batch(BATCH_PROMPTS, 40, **kw)
+    pool = static._pool
+    assert pool.ring_slots and pool.ring_sequences == 4  # the bucket of 3 sequences
+    for role in pool.kv:
+        for j, w in enumerate(layer_windows(pool.models[role].config)):
+            pages = pool.kv[role][j][0].shape[0]
+            assert pages == (pool.ring_allocator.n_pages if w else pool.n_pages), (role, j)
+    assert pool.ring_allocator.n_pages == 1 + 4 * pool.ring_slots // pool.page_size < pool.n_pages
+    for prompt, got in zip(BATCH_PROMPTS, outs):
+        want = eager.generate(prompt, 40, **kw)
+        assert got.tokens == want.tokens and got.stats.accepted_hist == want.stats.accepted_hist
+    assert any(o.stats.accepted_hist[0] for o in outs)  # rejections: rollback across the rings' wrap
+    assert pool.allocator.n_free == pool.allocator.capacity
+    assert pool.ring_allocator.n_free == pool.ring_allocator.capacity
+
+
+@needs_triton
+@torch.no_grad()
+def test_batched_engine_over_ring_pages_through_triton_is_exact():
+    """The paged kernels over ring pages (dense decode, recording, selection, sparse verification), every chunk
+    read: each sequence gets transformers' own greedy tokens."""
+    from specattn_runtime import SpecAttnRuntime
+    from test_engine_variants import artifact, transformers_greedy
+
+    draft, target = engine_models("gemma2-softcap-d256")
+    rt = SpecAttnRuntime(artifact(1.0), draft, target, engine="static", backend="triton", selection="triton",
+                         exact_dense_shortcut=False)
+    prompts = BATCH_PROMPTS[:2]
+    outs = rt.generate_batch(prompts, 10, k=3, eos_token_id=None)
+    assert rt._pool.ring_slots
+    assert [o.tokens for o in outs] == [transformers_greedy("gemma2-softcap-d256", p, 10) for p in prompts]
+
+
+def test_scheduler_waits_for_ring_pages():
+    """Admission needs the sequence's pages and its ring pages: with rings for one sequence, the second waits
+    until the first finishes, then gets the same ring pages back."""
+    from specattn_runtime.engine.pages import PageAllocator
+    from specattn_runtime.engine.scheduler import Scheduler
+    from specattn_runtime.engine.sequence import Sequence
+
+    sched = Scheduler(PageAllocator(64, 16), 4, ring_allocator=PageAllocator(1 + 6, 16), ring_pages=6)
+    a, b = Sequence([1] * 40, 8, 2), Sequence([2] * 40, 8, 2)
+    sched.add(a)
+    sched.add(b)
+    assert sched.admit() == [a] and len(a.ring_pages) == 6 and list(sched.waiting) == [b]
+    rings = sorted(a.ring_pages)
+    sched.finish(a)
+    assert a.ring_pages == [] and sched.admit() == [b] and sorted(b.ring_pages) == rings
+
+
+@torch.no_grad()
+def test_ring_budget_is_counted_first():
+    """kv_memory_gb pays for ``max_batch`` sequences' rings, then pages: a budget the rings use up is refused with
+    both numbers; the pool built from a budget is no larger than it, and smaller than the full-length layout."""
+    from specattn_runtime import SpecAttnRuntime
+    from specattn_runtime.batched import PAGE_SIZE
+    from specattn_runtime.engine.pages import PagedKVPool, bytes_per_page, pool_ring_slots, ring_pool_bytes
+    from test_engine_variants import artifact
+
+    draft, target = engine_models("qwen2-window-layers")
+    models = {"target": target, "draft": draft}
+    ring = pool_ring_slots(models, PAGE_SIZE)
+    rings = ring_pool_bytes(models, ring, 4, PAGE_SIZE)
+    rt = SpecAttnRuntime(artifact(0.6), draft, target, engine="static", exact_dense_shortcut=False)
+    with pytest.raises(ValueError, match="beside the window layers' rings of 4 sequences"):
+        rt.generate_batch(BATCH_PROMPTS, 4, k=2, kv_memory_gb=rings / 2**30, eos_token_id=None)
+    assert rt._pool is None  # refused before anything was allocated
+    budget = (rings + 64 * bytes_per_page(models, PAGE_SIZE, ring)) / 2**30
+    rt.generate_batch(BATCH_PROMPTS, 4, k=2, kv_memory_gb=budget, eos_token_id=None)
+    pool = rt._pool
+    assert pool.n_pages == 64 and pool.nbytes() == budget * 2**30
+    full = PagedKVPool(models, pool.n_pages, PAGE_SIZE)  # ring_sequences=0: every layer paged
+    assert not full.ring_slots and pool.nbytes() < full.nbytes()

@@ -8,8 +8,10 @@ phase is a static-shape function of those rows, captured as one CUDA graph per b
 Per slot (sequence) on the device: ``L`` (positions its caches hold), ``cur`` (last emitted token, the next
 step's first query), ``prev`` (the token at ``L - 1``), its seed and step counter (the counter RNG draws row
 ``b`` from ``(seed[b], step[b])``, so a sequence's samples never depend on its neighbours), temperature, top-p, and
-its page-table row (int32; padded slots point at the scratch page). Rollback after rejection is ``L += n + 1`` per
-row. One host read per step: ``out [b, k + 2]`` (tokens emitted, then the tokens).
+its page-table row (int32; padded slots point at the scratch page) and, where the pool keeps rings for window
+layers, its ring-page row (``ring_table``). Rollback after rejection is ``L += n + 1`` per row (a ring is sized so
+that the rejected writes never reach a key the next step reads, ``ring.py``). One host read per step:
+``out [b, k + 2]`` (tokens emitted, then the tokens).
 
 Modes (``mode``):
 
@@ -30,6 +32,7 @@ from ..rng import SLOT_FINAL, sample
 from ..sampling import greedy_accept_batch, probs_device, rejection_accept_batch
 from .forward import ForwardContext, active
 from .pages import SCRATCH_PAGE, PagedKVPool
+from .ring import MAX_FORWARD_TOKENS
 from .step import (SAMPLING_MODES, SparsePlan, draft_selection_rows, read_share, selection_buffers, selection_rows,
                    topp_into)
 
@@ -77,6 +80,9 @@ class BatchEngine:
             raise ValueError("batched self-speculation needs k >= 1 and a per-layer plan (self_plan)")
         if pool.page_size % plan.chunk_size:
             raise ValueError(f"page size {pool.page_size} must be a multiple of the chunk size {plan.chunk_size}")
+        if pool.ring_slots and k + 1 > MAX_FORWARD_TOKENS:  # the rings are sized for that many (ring.py)
+            raise ValueError(f"k = {k}: a verification writes k + 1 tokens, more than the {MAX_FORWARD_TOKENS} the "
+                             "pool's window-layer rings keep room for")
         self.target, self.pool, self.plan, self.k, self.mode = target, pool, plan, k, mode
         self.forwards, self.sampling, self.backend = forwards, sampling, backend
         self.max_batch, self.max_pages = int(max_batch), int(max_pages)
@@ -95,6 +101,8 @@ class BatchEngine:
         self.temperature = torch.ones(bm, 1, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(bm, 1, dtype=torch.float32, device=dev)
         self.page_table = torch.full((bm, self.max_pages), SCRATCH_PAGE, dtype=torch.int32, device=dev)
+        self.ring_table = torch.full((bm, pool.ring_pages), SCRATCH_PAGE, dtype=torch.int32, device=dev) \
+            if pool.ring_slots else None
         ns = len(plan.sparse_layers)
         self.kv_read = torch.zeros(bm, ns, dtype=torch.float64, device=dev)  # summed fraction read, per slot/layer
         # -- per-step buffers
@@ -163,9 +171,17 @@ class BatchEngine:
         pages = self.page_table[:b].gather(1, pos // page).long()
         return (pages * page + pos % page).reshape(-1)
 
+    def _ring_rows(self, pos: torch.Tensor, b: int) -> torch.Tensor:
+        """Flat ring-pool rows ``[b * T]`` of positions ``pos`` int64 ``[b, T]``: slot ``pos % R`` of each ring."""
+        page, slot = self.pool.page_size, pos % self.pool.ring_slots
+        pages = self.ring_table[:b].gather(1, slot // page).long()
+        return (pages * page + slot % page).reshape(-1)
+
     def _context(self, role: str, pos: torch.Tensor, kv_len: torch.Tensor, b: int, **kw) -> ForwardContext:
+        rings = {} if self.ring_table is None else dict(
+            ring=self.pool.ring[role], ring_table=self.ring_table[:b], ring_write_pos=self._ring_rows(pos, b))
         return ForwardContext(self.pool.kv[role], self._rows(pos, b), kv_len, self.plan.chunk_size, self.backend,
-                              page_table=self.page_table[:b], **kw)
+                              page_table=self.page_table[:b], **rings, **kw)
 
     def _phase_table(self) -> dict:
         """Phase name -> function of the bucket ``b``, in replay order."""
@@ -315,12 +331,17 @@ class BatchEngine:
     # -- slots -------------------------------------------------------------------------------------------------------
 
     def load_slot(self, slot: int, pages: list[int], length: int, last_token: int, prev_token: int | None, *,
-                  seed: int = 0, temperature: float = 1.0, top_p: float = 1.0) -> None:
-        """Make ``slot`` decode a sequence whose pages hold ``length`` positions, ``last_token`` emitted."""
+                  seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, ring_pages: list[int] = ()) -> None:
+        """Make ``slot`` decode a sequence whose pages (and ``ring_pages``, where the pool keeps rings) hold
+        ``length`` positions, ``last_token`` emitted."""
         if len(pages) > self.max_pages:
             raise ValueError(f"{len(pages)} pages exceed the engine's page table of {self.max_pages}")
         if length > 0 and prev_token is None:
             raise ValueError("prev_token (the token at position length - 1) is needed when length > 0")
+        if self.ring_table is not None:
+            if len(ring_pages) != self.pool.ring_pages:
+                raise ValueError(f"the pool's rings need {self.pool.ring_pages} ring pages, got {len(ring_pages)}")
+            self.ring_table[slot].copy_(torch.tensor(ring_pages, dtype=torch.int32))
         row = torch.full((self.max_pages,), SCRATCH_PAGE, dtype=torch.int32)
         row[: len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.page_table[slot].copy_(row)
@@ -339,8 +360,10 @@ class BatchEngine:
             self.count[r].fill_(-(-(length + self.k) // self.plan.chunk_size))
 
     def clear_slot(self, slot: int) -> None:
-        """A padded slot: its page table points at the scratch page, its length at 0."""
+        """A padded slot: its page tables point at the scratch page, its length at 0."""
         self.page_table[slot].fill_(SCRATCH_PAGE)
+        if self.ring_table is not None:
+            self.ring_table[slot].fill_(SCRATCH_PAGE)
         self.L[slot] = 0
         self.cur[slot] = 0
         self.prev[slot] = 0
@@ -358,13 +381,18 @@ class BatchEngine:
     def _slot_tensors(self) -> list[torch.Tensor]:
         """A sequence's device state: one row per slot."""
         return [self.L, self.cur, self.prev, self.step_no, self.seed, self.temperature, self.top_p,
-                self.page_table, self.kv_read, self.draft_kv_read, self.scores]
+                *self.page_tables(), self.kv_read, self.draft_kv_read, self.scores]
+
+    def page_tables(self) -> list[torch.Tensor]:
+        """The page table, and the ring-page table where the pool keeps rings."""
+        return [self.page_table] + ([self.ring_table] if self.ring_table is not None else [])
 
     def phase_buffers(self) -> list[torch.Tensor]:
-        """Every buffer a phase writes (what warm-up and graph capture must leave as they found them)."""
-        ts = [self.L, self.cur, self.prev, self.step_no, self.page_table, self.kv_read, self.out, self.verify_ids,
-              self.drafted, self.scores, self.idx, self.count, self.n_valid, self.recent_start, self.draft_kv_read,
-              self.didx, self.dcount, self.dn_valid, self.drecent_start]
+        """Every buffer a phase writes (what warm-up and graph capture must leave as they found them), and the page
+        tables (capture points them at the scratch page)."""
+        ts = [self.L, self.cur, self.prev, self.step_no, *self.page_tables(), self.kv_read, self.out,
+              self.verify_ids, self.drafted, self.scores, self.idx, self.count, self.n_valid, self.recent_start,
+              self.draft_kv_read, self.didx, self.dcount, self.dn_valid, self.drecent_start]
         return ts + ([self.q_probs] if self.q_probs is not None else [])
 
     def kv_read_sum(self, slot: int) -> list[float]:

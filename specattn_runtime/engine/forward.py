@@ -52,9 +52,13 @@ class ForwardContext:
     # Paged pool (the batched engine): ``kv`` holds pools [n_pages, page_size, Hkv, D], ``write_pos`` the flat pool
     # rows [B * Tq] of the new tokens (sequence-major), ``kv_len`` int32 [B] and this int32 [B, max_pages].
     page_table: torch.Tensor | None = None
-    # Per layer: the slots of its ring (a sliding-window layer's window-sized cache, KVStore.ring; position p at slot
-    # p % ring), 0 = a full-length cache. Empty: no rings. Contiguous caches only.
+    # Per layer: the slots of its ring (a sliding-window layer's window-sized cache, KVStore.ring / PagedKVPool.ring;
+    # position p at slot p % ring), 0 = a full-length cache. Empty: no rings.
     ring: list[int] = field(default_factory=list)
+    # Paged rings: the sequences' ring pages int32 [B, ring / page_size] and the flat ring-pool rows [B * Tq] of the
+    # new tokens (ring layers read and write these instead of page_table / write_pos).
+    ring_table: torch.Tensor | None = None
+    ring_write_pos: torch.Tensor | None = None
 
 
 _ACTIVE: list[ForwardContext] = []
@@ -85,9 +89,7 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     variant = dict(window=window or None, softcap=softcap or None, sinks=sinks)
     ring = ctx.ring[layer] if ctx.ring else 0
     if ctx.page_table is not None:
-        if ring:
-            raise ValueError("a ring (window-sized) cache met the paged path: the paged pool keeps every position")
-        return _paged_attention(ctx, query, key, value, layer, scale, variant)
+        return _paged_attention(ctx, query, key, value, layer, scale, variant, ring)
     k_cache, v_cache = ctx.kv[layer]
     slots = torch.remainder(ctx.write_pos, ring) if ring else ctx.write_pos  # positions stay logical elsewhere
     k_cache.index_copy_(2, slots, key)
@@ -108,31 +110,33 @@ def engine_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.transpose(1, 2).contiguous()
 
 
-def _paged_attention(ctx: ForwardContext, query, key, value, layer: int, scale: float,
-                     variant: dict) -> torch.Tensor:
-    """``engine_attention`` over a paged pool: B sequences of ragged lengths, each through its page table."""
+def _paged_attention(ctx: ForwardContext, query, key, value, layer: int, scale: float, variant: dict,
+                     ring: int) -> torch.Tensor:
+    """``engine_attention`` over a paged pool: B sequences of ragged lengths, each through its page table (a window
+    layer with a ring: through its ring pages)."""
     k_pool, v_pool = ctx.kv[layer]
+    table, write = (ctx.ring_table, ctx.ring_write_pos) if ring else (ctx.page_table, ctx.write_pos)
     b, hkv, tq, d = key.shape
     flat = (-1, hkv, d)  # pool rows: [n_pages * page_size, Hkv, D]
-    k_pool.view(flat).index_copy_(0, ctx.write_pos, key.transpose(1, 2).reshape(b * tq, hkv, d))
-    v_pool.view(flat).index_copy_(0, ctx.write_pos, value.transpose(1, 2).reshape(b * tq, hkv, d))
+    k_pool.view(flat).index_copy_(0, write, key.transpose(1, 2).reshape(b * tq, hkv, d))
+    v_pool.view(flat).index_copy_(0, write, value.transpose(1, 2).reshape(b * tq, hkv, d))
     sel, rec = ctx.sparse.get(layer), ctx.record.get(layer)
     if ctx.backend == "triton":
         from ..sparse.triton_attn import sparse_attention_triton
 
         idx, count = sel if sel is not None else (None, None)
         out = sparse_attention_triton(query, k_pool, v_pool, idx, count, chunk_size=ctx.chunk_size, scale=scale,
-                                      page_table=ctx.page_table, kv_lens=ctx.kv_len, record=rec,
-                                      record_last_query=ctx.record_last_query, **variant, **ctx.launch)
+                                      page_table=table, kv_lens=ctx.kv_len, record=rec,
+                                      record_last_query=ctx.record_last_query, ring=ring, **variant, **ctx.launch)
     else:  # the reference: every sequence's pages gathered to its full page-table capacity (static shapes)
         page = k_pool.shape[1]
-        rows = (ctx.page_table.long()[:, :, None] * page + torch.arange(page, device=key.device)).flatten(1)
-        k_all = k_pool.view(flat)[rows].transpose(1, 2)  # [B, Hkv, max_pages * page_size, D]
+        rows = (table.long()[:, :, None] * page + torch.arange(page, device=key.device)).flatten(1)
+        k_all = k_pool.view(flat)[rows].transpose(1, 2)  # [B, Hkv, pages * page_size, D]
         v_all = v_pool.view(flat)[rows].transpose(1, 2)
         mask = indices_to_mask(*sel, n_chunks=sel[0].shape[-1]) if sel is not None else None
         out = attention_with_lengths_reference(query, k_all, v_all, ctx.kv_len, mask, chunk_size=ctx.chunk_size,
                                                scale=scale, record=rec, record_last_query=ctx.record_last_query,
-                                               **variant)
+                                               ring=ring, **variant)
     return out.transpose(1, 2).contiguous()
 
 

@@ -46,7 +46,8 @@ class BatchGraphs:
         t0 = time.perf_counter()
         eng = self.engine
         saved = _snapshot(eng)
-        eng.page_table.fill_(SCRATCH_PAGE)  # warm-up writes land on the scratch page only
+        for table in eng.page_tables():  # warm-up writes land on the scratch pages only
+            table.fill_(SCRATCH_PAGE)
         eng.L.zero_()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -9,6 +9,13 @@ Pool tensors are ``[n_pages, page_size, Hkv, D]`` per layer, the form the Triton
 table. Page 0 is never handed out: padded batch slots point their whole page table at it, so their (ignored)
 writes land there and never in a live sequence's pages.
 
+Sliding-window layers (``ring_sequences > 0``) do not keep every position: each running sequence owns a fixed set
+of ``R / page_size`` *ring pages* (``ring.py``: position ``p`` at ring slot ``p % R``, ``R`` = the longest window
+of either model + the most tokens one forward writes, rounded up to the page), from a second, small page space
+with its own allocator: window layers' pools are ``[1 + ring_sequences * R / page_size, page_size, Hkv, D]``, so
+Gemma 3 (five window layers of 1,024 per full one) holds a long sequence in ~1/6 of the full layout's memory.
+Both models' window layers use the same ring page ids, as their full layers share the main page ids.
+
 The allocator is plain Python (no tensors), so the scheduler and its tests need no device.
 """
 
@@ -16,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from ..variants import layer_windows
 from .kv import kv_shape
+from .ring import MAX_FORWARD_TOKENS, ring_slots
 
 SCRATCH_PAGE = 0  # the page padded slots read and write
 
@@ -63,33 +72,74 @@ class PageAllocator:
         self._free.extend(sorted(back, reverse=True))
 
 
-def bytes_per_page(models: dict[str, torch.nn.Module], page_size: int) -> int:
-    """K and V bytes of one page over every layer of every model."""
+def pool_ring_slots(models: dict[str, torch.nn.Module], page_size: int,
+                    max_forward_tokens: int = MAX_FORWARD_TOKENS) -> int:
+    """``R``, the ring slots every window layer of a pool over ``models`` gets (a multiple of ``page_size``), or 0
+    when no layer has a window that a ring would hold in fewer positions than the model's context."""
+    slots = 0
+    for model in models.values():
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or 2**62
+        for w in set(filter(None, layer_windows(model.config))):
+            slots = max(slots, ring_slots(w, limit, max_forward_tokens, align=page_size))
+    return slots
+
+
+def _ring_layers(model: torch.nn.Module, ring: int) -> list[bool]:
+    """Per layer: whether it keeps a ring of ``ring`` slots: a window layer whose window that many slots hold (a
+    window longer than the rings, possible only where the model's context is shorter still, stays paged)."""
+    return [bool(ring and w and w + MAX_FORWARD_TOKENS <= ring) for w in layer_windows(model.config)]
+
+
+def bytes_per_page(models: dict[str, torch.nn.Module], page_size: int, ring: int = 0) -> int:
+    """K and V bytes of one page over every paged (full-length) layer of every model: all layers when ``ring`` is
+    0, the layers without a window otherwise."""
     total = 0
     for model in models.values():
         n, hkv, d = kv_shape(model.config)
-        total += 2 * n * page_size * hkv * d * next(model.parameters()).element_size()
+        full = n - sum(_ring_layers(model, ring))
+        total += 2 * full * page_size * hkv * d * next(model.parameters()).element_size()
     return total
 
 
-def pages_in_budget(models: dict[str, torch.nn.Module], page_size: int, kv_memory_gb: float) -> int:
-    """How many pages ``kv_memory_gb`` (GiB) of K/V holds."""
-    return int(kv_memory_gb * 2**30 // bytes_per_page(models, page_size))
+def ring_pool_bytes(models: dict[str, torch.nn.Module], ring: int, sequences: int, page_size: int) -> int:
+    """K and V bytes of the ring pools for ``sequences`` sequences (``ring`` slots in every window layer of every
+    model, and the scratch page)."""
+    if not ring:
+        return 0
+    slots = (sequences * ring // page_size + 1) * page_size
+    total = 0
+    for model in models.values():
+        n, hkv, d = kv_shape(model.config)
+        total += 2 * sum(_ring_layers(model, ring)) * slots * hkv * d * next(model.parameters()).element_size()
+    return total
 
 
 class PagedKVPool:
-    """K/V page pools ``[n_pages, page_size, Hkv, D]`` per layer for each model (``models``: role -> model)."""
+    """K/V page pools ``[n_pages, page_size, Hkv, D]`` per layer for each model (``models``: role -> model).
 
-    def __init__(self, models: dict[str, torch.nn.Module], n_pages: int, page_size: int):
+    ``ring_sequences``: how many sequences may hold rings at once (window layers then get ring pools, see the
+    module docstring; 0 keeps every position of every layer in pages, the layout before rings).
+    """
+
+    def __init__(self, models: dict[str, torch.nn.Module], n_pages: int, page_size: int, ring_sequences: int = 0):
         self.models, self.page_size = models, int(page_size)
         self.allocator = PageAllocator(n_pages, page_size)
+        self.ring_slots = pool_ring_slots(models, self.page_size) if ring_sequences > 0 else 0
+        self.ring_sequences = int(ring_sequences) if self.ring_slots else 0
+        self.ring_pages = self.ring_slots // self.page_size  # per sequence
+        self.ring_allocator = PageAllocator(self.ring_sequences * self.ring_pages + 1, page_size) \
+            if self.ring_slots else None
         self.kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.ring: dict[str, list[int]] = {}  # role -> per layer: ring slots, 0 = paged over every position
         for role, model in models.items():
             p = next(model.parameters())
             n, hkv, d = kv_shape(model.config)
-            shape = (n_pages, self.page_size, hkv, d)
+            self.ring[role] = [self.ring_slots if r else 0 for r in _ring_layers(model, self.ring_slots)]
+            shapes = [((self.ring_allocator.n_pages if r else n_pages), self.page_size, hkv, d)
+                      for r in self.ring[role]]
             self.kv[role] = [(torch.zeros(shape, dtype=p.dtype, device=p.device),
-                              torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in range(n)]
+                              torch.zeros(shape, dtype=p.dtype, device=p.device)) for shape in shapes]
 
     @property
     def device(self) -> torch.device:

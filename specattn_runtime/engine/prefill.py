@@ -3,8 +3,9 @@
 A prompt goes in pieces of ``chunk_tokens`` tokens, so a 128K prompt never materialises full-length logits
 (``logits_to_keep=1``) or a ``[T, T]`` mask. Each piece's keys and values are written into the sequence's pages;
 its attention reads the sequence's positions so far gathered into a contiguous copy (prefill is compute-bound and
-runs once per prompt: the copy is not what it costs). Positions filled this way are exact, as in
-:meth:`KVStore.prefill`.
+runs once per prompt: the copy is not what it costs). A window layer with a ring (``pages.py``) goes through
+:class:`~specattn_runtime.engine.ring.PagedRingLayer` instead: the retained window and the new keys, the newest ring
+slots written. Positions filled this way are exact, as in :meth:`KVStore.prefill`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..variants import layer_windows
 from .pages import PagedKVPool
+from .ring import PagedRingLayer
 
 PREFILL_TOKENS = 4096  # tokens per prefill forward: bounds the [piece, keys] mask transformers builds
 
@@ -54,15 +57,22 @@ class _PagedPrefillLayer(DynamicLayer):
 
 @torch.no_grad()
 def prefill_into_pool(pool: PagedKVPool, role: str, pages: list[int], ids: list[int],
-                      chunk_tokens: int = PREFILL_TOKENS) -> None:
-    """Fill positions ``[0, len(ids))`` of the sequence owning ``pages`` with ``ids``, ``chunk_tokens`` at a time."""
+                      chunk_tokens: int = PREFILL_TOKENS, ring_pages: list[int] = ()) -> None:
+    """Fill positions ``[0, len(ids))`` of the sequence owning ``pages`` (and ``ring_pages``, when the pool has
+    rings) with ``ids``, ``chunk_tokens`` at a time."""
     if chunk_tokens < 1:
         raise ValueError(f"prefill chunk must be >= 1 token, got {chunk_tokens}")
     if len(ids) > len(pages) * pool.page_size:
         raise ValueError(f"{len(ids)} tokens do not fit {len(pages)} pages of {pool.page_size}")
+    if pool.ring_slots and len(ring_pages) != pool.ring_pages:
+        raise ValueError(f"the pool's window layers need {pool.ring_pages} ring pages, got {len(ring_pages)}")
     model = pool.models[role]
+    capacity = len(pages) * pool.page_size
     rows: dict = {}
-    layers = [_PagedPrefillLayer(pool, role, j, rows, len(pages) * pool.page_size) for j in range(len(pool.kv[role]))]
+    ring_rows = pool.slots(list(ring_pages), 0, pool.ring_slots) if pool.ring_slots else None
+    windows = layer_windows(model.config)
+    layers = [PagedRingLayer(*pool.kv[role][j], ring_rows, windows[j], 0, capacity) if r else
+              _PagedPrefillLayer(pool, role, j, rows, capacity) for j, r in enumerate(pool.ring[role])]
     cache = Cache(layers=layers)
     everything = pool.slots(pages, 0, len(ids))
     for start in range(0, len(ids), chunk_tokens):

@@ -18,7 +18,8 @@ it), so keeping every position wastes memory: Gemma-3-12B at 128K holds 40 local
 :class:`RingLayer` is the ring as a transformers cache layer, for prefill through transformers' own forward: it
 behaves like transformers' ``DynamicSlidingWindowLayer`` (``update`` returns the retained last ``W - 1`` keys in
 position order followed by the new ones; ``get_mask_sizes`` reports that length and its offset, so transformers
-builds the matching sliding mask) and writes the new keys into the ring.
+builds the matching sliding mask) and writes the new keys into the ring. :class:`PagedRingLayer` is the same over
+a sequence's ring pages in the batched engine's pool (``pages.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class RingLayer(DynamicLayer):
         super().__init__()
         self.window, self.length, self.capacity = int(window), int(length), int(capacity)
         self._k, self._v = keys, values
+        self.slots = keys.shape[2]
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self.keys = self.values = None  # never read: update returns the states attention needs
@@ -67,23 +69,27 @@ class RingLayer(DynamicLayer):
     def lazy_initialization(self, key_states, value_states) -> None:  # the ring is allocated already
         pass
 
-    def _retained(self) -> torch.Tensor:
-        """int64 slots of the last ``min(length, W - 1)`` positions, oldest first."""
-        n = min(self.length, self.window - 1)
-        return torch.arange(self.length - n, self.length, device=self.device) % self._k.shape[2]
+    def _read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[1, Hkv, n, D]`` at ring slots ``slots`` int64 ``[n]``."""
+        return self._k.index_select(2, slots), self._v.index_select(2, slots)
+
+    def _write(self, slots: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store ``key_states`` / ``value_states`` ``[1, Hkv, n, D]`` at ring slots ``slots`` int64 ``[n]``."""
+        self._k.index_copy_(2, slots, key_states.to(self.dtype))
+        self._v.index_copy_(2, slots, value_states.to(self.dtype))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Retained keys + ``key_states`` ``[1, Hkv, T, D]`` in position order; the new ones go into the ring."""
-        slots, t = self._k.shape[2], key_states.shape[-2]
+        t = key_states.shape[-2]
         if self.length + t > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} exceeded ({self.length + t} positions)")
-        old = self._retained()
-        full_k = torch.cat([self._k.index_select(2, old), key_states.to(self.dtype)], dim=-2)
-        full_v = torch.cat([self._v.index_select(2, old), value_states.to(self.dtype)], dim=-2)
-        m = min(t, slots)  # only the newest R survive; writing more would hit one slot twice (order undefined)
-        new = torch.arange(self.length + t - m, self.length + t, device=self.device) % slots
-        self._k.index_copy_(2, new, key_states[:, :, t - m :].to(self.dtype))
-        self._v.index_copy_(2, new, value_states[:, :, t - m :].to(self.dtype))
+        n = min(self.length, self.window - 1)  # the retained keys: the last W - 1 positions, oldest first
+        old_k, old_v = self._read(torch.arange(self.length - n, self.length, device=self.device) % self.slots)
+        full_k = torch.cat([old_k, key_states.to(self.dtype)], dim=-2)
+        full_v = torch.cat([old_v, value_states.to(self.dtype)], dim=-2)
+        m = min(t, self.slots)  # only the newest R survive; writing more would hit one slot twice (order undefined)
+        new = torch.arange(self.length + t - m, self.length + t, device=self.device) % self.slots
+        self._write(new, key_states[:, :, t - m :], value_states[:, :, t - m :])
         self.length += t
         return full_k, full_v
 
@@ -101,3 +107,23 @@ class RingLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a prefill ring layer is written once in order; the engine rolls back by length")
+
+
+class PagedRingLayer(RingLayer):
+    """A sequence's ring in a paged pool ``[n_pages, page_size, Hkv, D]``: ring slot ``s`` is pool row ``rows[s]``
+    (``rows`` int64 ``[R]``: the sequence's ring pages, in order). Otherwise :class:`RingLayer`."""
+
+    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor, window: int, length: int,
+                 capacity: int):
+        flat = (-1, *k_pool.shape[2:])  # [n_pages * page_size, Hkv, D]
+        super().__init__(k_pool.view(flat), v_pool.view(flat), window, length, capacity)
+        self.rows, self.slots = rows, int(rows.shape[0])
+
+    def _read(self, slots):
+        rows = self.rows[slots]
+        return self._k[rows].transpose(0, 1)[None], self._v[rows].transpose(0, 1)[None]
+
+    def _write(self, slots, key_states, value_states):
+        rows = self.rows[slots]
+        self._k.index_copy_(0, rows, key_states[0].transpose(0, 1).to(self.dtype))
+        self._v.index_copy_(0, rows, value_states[0].transpose(0, 1).to(self.dtype))

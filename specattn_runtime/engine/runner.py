@@ -35,7 +35,8 @@ class BatchRunner:
         self.engine = engine_class(target, pool, plan, k, forwards, max_batch=max_batch, max_pages=max_pages,
                                    mode=mode, sampling=sampling, backend=backend)
         self.graphs = BatchGraphs(self.engine, graphs)
-        self.scheduler = Scheduler(pool.allocator, max_batch)
+        self.scheduler = Scheduler(pool.allocator, max_batch, ring_allocator=pool.ring_allocator,
+                                   ring_pages=pool.ring_pages)
         self.prefill_tokens = prefill_tokens
         self.n_layers = target.config.num_hidden_layers
         self.n_draft_layers = len(pool.kv["draft"]) if "draft" in pool.kv else 0
@@ -59,12 +60,13 @@ class BatchRunner:
             ids = seq.prompt
             try:
                 for role in self.roles:  # every position but the last: it is the first query of the first step
-                    prefill_into_pool(self.pool, role, seq.pages, ids[:-1], self.prefill_tokens)
+                    prefill_into_pool(self.pool, role, seq.pages, ids[:-1], self.prefill_tokens, seq.ring_pages)
             except BaseException:
                 self.cancel(seq)
                 raise
             self.engine.load_slot(seq.slot, seq.pages, len(ids) - 1, ids[-1], ids[-2] if len(ids) > 1 else None,
-                                  seed=seq.seed, temperature=seq.temperature, top_p=seq.top_p)
+                                  seed=seq.seed, temperature=seq.temperature, top_p=seq.top_p,
+                                  ring_pages=seq.ring_pages)
             seq.stats.time_prefill = time.perf_counter() - t0
             seq.stats.engine = "batched"
             self.prefill_seconds += seq.stats.time_prefill

@@ -4,7 +4,8 @@ No tensors here (nano-vllm's ``scheduler.py`` shape), so it is tested without a 
 a batch slot is free and the pool has the pages for its whole generation (reserved up front: a running sequence
 never needs a page mid-step, so a step can never run out of memory or evict a neighbour). Running sequences fill
 slots ``0 .. n - 1``; when one finishes, the last running sequence moves into its slot (the caller moves its device
-state), so a step always runs on a prefix of the slots.
+state), so a step always runs on a prefix of the slots. Where the pool keeps rings for window layers, a sequence
+also takes its fixed share of ring pages at admission (``ring_allocator``, ``ring_pages`` each).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, max_batch: int, max_waiting: int | None = None):
+    def __init__(self, allocator: PageAllocator, max_batch: int, max_waiting: int | None = None,
+                 ring_allocator: PageAllocator | None = None, ring_pages: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.allocator, self.max_batch, self.max_waiting = allocator, int(max_batch), max_waiting
+        self.ring_allocator, self.ring_pages = ring_allocator, int(ring_pages) if ring_allocator else 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -48,10 +51,11 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             need = self.pages_needed(seq)
-            if need > self.allocator.n_free:
+            if need > self.allocator.n_free or (self.ring_pages and self.ring_pages > self.ring_allocator.n_free):
                 break  # first come, first served: a later, smaller request does not overtake it
             self.waiting.popleft()
             seq.pages = self.allocator.allocate(need)
+            seq.ring_pages = self.ring_allocator.allocate(self.ring_pages) if self.ring_pages else []
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -68,7 +72,9 @@ class Scheduler:
         if seq.status is not Status.RUNNING:
             return None
         self.allocator.free(seq.pages)
-        seq.pages, seq.status = [], Status.FINISHED
+        if seq.ring_pages:
+            self.ring_allocator.free(seq.ring_pages)
+        seq.pages, seq.ring_pages, seq.status = [], [], Status.FINISHED
         dst, last = seq.slot, self.running.pop()
         seq.slot = -1
         if last is seq:

@@ -38,6 +38,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     pages: list[int] = field(default_factory=list)
+    ring_pages: list[int] = field(default_factory=list)  # its window layers' rings, where the pool keeps them
     slot: int = -1
     stats: GenerationStats = field(default_factory=GenerationStats)
     sink: TokenSink | None = None

@@ -29,9 +29,10 @@ row's window are never loaded, and the dense path starts at the window's first c
 (``softcap * tanh(logit / softcap)`` on the scaled logit, before the mask) and, in ``_combine_kernel``, ``SINKS``
 (a per-query-head logit in the softmax denominator only). Recording sees the logits the output used.
 
-``RING`` (contiguous layout only): the cache of a sliding-window layer is a ring of ``ring`` slots, position ``p``
-at slot ``p % ring``. Only the load address changes: positions, the window, chunk ids and recorded chunks stay
-logical, and the window bound (keys below ``lo`` are never loaded) is what keeps an overwritten slot unread.
+``RING``: the cache of a sliding-window layer is a ring of ``ring`` slots, position ``p`` at slot ``p % ring`` (a
+contiguous ring, or, paged, the sequence's ring pages: slot ``s`` at row ``s % PAGE`` of page ``table[s // PAGE]``).
+Only the load address changes: positions, the window, chunk ids and recorded chunks stay logical, and the window
+bound (keys below ``lo`` are never loaded) is what keeps an overwritten slot unread.
 """
 
 import triton
@@ -114,12 +115,12 @@ def _sparse_attn_split_kernel(
         key_ok = slot_ok & (key_pos < n_keys)
         if WINDOW:  # a selected chunk older than every row's window: its keys are not loaded
             key_ok = key_ok & (key_pos >= lo)
-        if PAGED:  # stride_kb / stride_vb step over pages; rows of a page are positions
-            page = tl.load(table_ptr + b * stride_tb + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
-            k_row = (page * stride_kb)[:, None] + (key_pos % PAGE)[:, None] * stride_kt
-            v_row = (page * stride_vb)[:, None] + (key_pos % PAGE)[:, None] * stride_vt
-        else:  # RING: a window layer's ring of ``ring`` slots holds position p at slot p % ring
-            slot_pos = key_pos % ring if RING else key_pos
+        slot_pos = key_pos % ring if RING else key_pos  # RING: position p lives at slot p % ring
+        if PAGED:  # stride_kb / stride_vb step over pages; rows of a page are slots
+            page = tl.load(table_ptr + b * stride_tb + slot_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+            k_row = (page * stride_kb)[:, None] + (slot_pos % PAGE)[:, None] * stride_kt
+            v_row = (page * stride_vb)[:, None] + (slot_pos % PAGE)[:, None] * stride_vt
+        else:
             k_row = b * stride_kb + slot_pos[:, None] * stride_kt
             v_row = b * stride_vb + slot_pos[:, None] * stride_vt
         k = tl.load(k_ptr + k_row + kvh * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)

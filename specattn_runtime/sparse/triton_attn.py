@@ -60,12 +60,13 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     sinks : torch.Tensor, optional
         float ``[H]``: one logit per query head that joins the softmax denominator only (GPT-OSS's ``s_aux``).
     ring : int
-        0: position ``p`` of a contiguous ``k`` / ``v`` is row ``p``. Otherwise ``k`` / ``v`` are a sliding-window
-        layer's ring of ``ring = Tk`` slots, position ``p`` at slot ``p % ring`` (the decode engine's window-sized
-        caches): needs ``kv_lens`` (the logical lengths), ``window`` with ``ring >= window + Tq - 1``, and a
-        contiguous layout (a paged pool is refused). Positions, selections and ``record`` stay logical: ``idx``
-        holds logical chunk ids and ``record`` spans the logical chunks (``>= ceil(max(kv_lens) / chunk_size)``,
-        not checked: the lengths live on the device).
+        0: position ``p`` is row ``p`` of the cache (or of the sequence's pages). Otherwise ``k`` / ``v`` are a
+        sliding-window layer's ring of ``ring`` slots, position ``p`` at slot ``p % ring`` (the engines'
+        window-sized caches): contiguous with ``Tk = ring``, or paged with a ``page_table`` of ``ring / page_size``
+        ring pages per sequence. Needs ``kv_lens`` (the logical lengths) and ``window`` with ``ring >= window +
+        Tq - 1``. Positions, selections and ``record`` stay logical: ``idx`` holds logical chunk ids and ``record``
+        spans the logical chunks (``>= ceil(max(kv_lens) / chunk_size)``, not checked: the lengths live on the
+        device).
     chunks_per_iter, num_warps, num_stages : int
         Launch settings (chunks gathered per key tile, warps, software-pipelining depth): the speed, never the
         result (``bench/kernels.py --sections decode`` sweeps them).
@@ -106,7 +107,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                          f"{tuple(idx.shape)} and {tuple(count.shape)}")
     cap = -(-tk // chunk_size) if dense else idx.shape[-1]
     window, softcap, sinks = _check_variant(window, softcap, sinks, h, q.device)
-    ring = _check_ring(ring, paged, kv_lens, window, tk, tq)
+    ring = _check_ring(ring, kv_lens, window, tk, tq)
     if window is not None and dense:  # the chunks a windowed dense pass can visit: split over those, not the cache
         cap = min(cap, -(-(window + tq - 1) // chunk_size) + 1)
     if num_splits is None:
@@ -190,14 +191,11 @@ def _check_variant(window, softcap, sinks, h: int, device: torch.device):
     return (None if window is None else int(window)), (None if softcap is None else float(softcap)), sinks
 
 
-def _check_ring(ring: int, paged: bool, kv_lens, window: int | None, tk: int, tq: int) -> int:
-    """A ring cache (``ring`` > 0) is contiguous, as long as its slots, read with device lengths within a window
-    that fits it (the queries' oldest visible key not yet overwritten); returns ``ring`` as an int."""
+def _check_ring(ring: int, kv_lens, window: int | None, tk: int, tq: int) -> int:
+    """A ring cache (``ring`` > 0) holds ``tk`` slots (its buffer's, or its page table's), read with device lengths
+    within a window that fits it (the queries' oldest visible key not yet overwritten); returns ``ring``."""
     if not ring:
         return 0
-    if paged:
-        raise ValueError("ring caches are contiguous [B, Hkv, ring, D] buffers; the paged pool keeps every position "
-                         "(pass ring=0 with a page_table)")
     if kv_lens is None:
         raise ValueError("a ring cache needs kv_lens: its slot count is not the key count")
     from .reference import _check_ring as check_fits
