@@ -3,7 +3,9 @@
 A DTW-style dynamic program over the KL matrix. Walking down the target layers, the draft layer index may
 stay (*repeat*: two target layers read the same draft layer), advance by one (*diagonal*), or jump ahead
 (*skip*: draft layers in between guide nothing). The map minimising the summed ``KL[j, map[j]]`` over the sparse
-target layers is found in ``O(Lt * Ld)``; the first ``dense_layers`` target layers stay dense (``-1``).
+target layers is found in ``O(Lt * Ld)``; the first ``dense_layers`` target layers stay dense (``-1``), and so do
+any others named in ``also_dense`` (short sliding windows, :mod:`pipelines.candidates`): the map is monotone over
+the remaining layers, which a dense layer between them does not constrain.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import torch
 
 
-def align_layers(kl: torch.Tensor, dense_layers: int = 0) -> list[int]:
-    """Optimal non-decreasing map ``target layer -> draft layer``.
+def align_layers(kl: torch.Tensor, dense_layers: int = 0, also_dense=()) -> list[int]:
+    """Optimal map ``target layer -> draft layer``, non-decreasing over the sparse target layers.
 
     Parameters
     ----------
@@ -20,12 +22,25 @@ def align_layers(kl: torch.Tensor, dense_layers: int = 0) -> list[int]:
         ``[n_target_layers, n_draft_layers]`` costs (``KL(target_j || draft_i)``), finite.
     dense_layers : int
         Leading target layers kept dense; they get ``-1`` and do not constrain the rest.
+    also_dense : iterable of int
+        Other target layers kept dense (``-1``, not constraining the rest either).
 
     Returns
     -------
     list[int]
         ``map[j]`` for every target layer. Among equal-cost maps, the one with the smallest indices wins.
     """
+    also = sorted(set(also_dense))
+    if any(not 0 <= j < kl.shape[0] for j in also):
+        raise ValueError(f"also_dense={also} names layers outside the target's {kl.shape[0]}")
+    if also:  # the DP over the remaining layers, in order
+        keep = [j for j in range(kl.shape[0]) if j not in set(also)]
+        out = [-1] * kl.shape[0]
+        if keep:
+            sub = align_layers(kl[keep], sum(j < dense_layers for j in keep))
+            for j, i in zip(keep, sub):
+                out[j] = i
+        return out
     if kl.ndim != 2 or kl.shape[0] == 0 or kl.shape[1] == 0:
         raise ValueError(f"kl must be a non-empty [n_target, n_draft] matrix, got {tuple(kl.shape)}")
     if not torch.isfinite(kl).all():

@@ -28,6 +28,7 @@ from specattn_runtime.artifact import (FORMAT, SCHEMA_VERSION, Artifact, load_ar
                                        window_metadata)
 
 from . import calibration_tasks as T
+from .candidates import MIN_SPARSE_WINDOW, short_window_layers
 from .collect import (ROLES, SPLITS, check_cluster_params, collect_attention, parse_resources,
                       task_runner)
 from .evaluate import holdout_perplexity
@@ -43,7 +44,7 @@ def check_params(preset: str | None = "quick", draft: str | None = None, target:
                  dask_address: str | None = None, workers: int = 0, windows_per_shard: int = 8,
                  dask_resources: dict | None = None, mode: str = "draft", draft_k: int = 4,
                  sparse_draft: bool = True, draft_acceptance_budget: float = 0.05, draft_dense_layers: int = 0,
-                 **_) -> None:
+                 min_sparse_window: int = MIN_SPARSE_WINDOW, **_) -> None:
     """The flow's parameters, checked without a Prefect server or a model: the flow calls it first, and
     ``python -m pipelines.calibrate`` calls it before it starts the flow (a typo costs no server start-up)."""
     if mode not in MODES:
@@ -81,6 +82,9 @@ def check_params(preset: str | None = "quick", draft: str | None = None, target:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if dense_layers < 0:
         raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
+    if not isinstance(min_sparse_window, int) or min_sparse_window < 0:
+        raise ValueError(f"min_sparse_window must be a whole number of tokens >= 0 (0: every window layer is a "
+                         f"sparse candidate), got {min_sparse_window!r}")
     check_cluster_params(dask_address, workers, windows_per_shard, dask_resources)
     if mode == "draft" and sparse_draft:
         if not 0.0 <= draft_acceptance_budget < 1.0:
@@ -142,6 +146,7 @@ def calibrate(
     sparse_draft: bool = True,
     draft_acceptance_budget: float = 0.05,
     draft_dense_layers: int = 0,
+    min_sparse_window: int = MIN_SPARSE_WINDOW,
 ) -> str:
     """Calibrate a draft/target pair (or, ``mode="self"``, one model); return the path of the artifact written
     (or reused).
@@ -195,18 +200,23 @@ def calibrate(
         Leading draft layers that always draft densely (default none: on the quick pair a dense layer 0 kept the
         same share of the dense draft's tokens and read 6-7 points more of the KV on the sparse forwards; the
         recall targets already give it a higher p).
+    min_sparse_window : int
+        Sliding-window layers (target, draft, or mode ``self``'s model) with a window shorter than this many tokens
+        stay dense: inside a short window selection saves little and costs recall (:mod:`pipelines.candidates`
+        says why; default 2048). 0 makes every window layer a candidate.
     """
     log = get_run_logger()
     check_params(preset, draft, target, corpus, chunk_size, recall_budget, global_p, window_tokens, num_windows,
                  holdout_windows, queries_per_window, dense_layers, dask_address, workers, windows_per_shard,
-                 dask_resources, mode, draft_k, sparse_draft, draft_acceptance_budget, draft_dense_layers)
+                 dask_resources, mode, draft_k, sparse_draft, draft_acceptance_budget, draft_dense_layers,
+                 min_sparse_window)
     out_root = _writable_dir(output_dir)
     if mode == "self":
         from .calibrate_self import calibrate_self
 
         return calibrate_self(preset, target, corpus, window_tokens, num_windows, holdout_windows,
                               queries_per_window, chunk_size, dense_layers, global_p, draft_k, out_root,
-                              skip_if_unchanged)
+                              skip_if_unchanged, min_sparse_window)
     work_dir = str(out_root / ".work")
     timings: dict[str, float] = {}
 
@@ -239,6 +249,10 @@ def calibrate(
     if sparse_draft:  # without it the artifact is what it was, and so is its fingerprint
         params |= dict(sparse_draft=True, draft_k=draft_k, draft_acceptance_budget=draft_acceptance_budget,
                        draft_dense_layers=draft_dense_layers)
+    # short sliding windows stay dense (pipelines/candidates.py); models without any: fingerprint as before
+    window_dense = short_window_layers(models["target"]["windows"], min_sparse_window)
+    if window_dense or (sparse_draft and short_window_layers(models["draft"]["windows"], min_sparse_window)):
+        params["min_sparse_window"] = min_sparse_window
     fingerprint = hashlib.sha256(json.dumps(
         [models["draft"]["weights_hash"], models["target"]["weights_hash"], models["draft"]["config_hash"],
          models["target"]["config_hash"], corpus_info["sha256"], params, SCHEMA_VERSION], sort_keys=True
@@ -253,7 +267,7 @@ def calibrate(
                   windows_per_shard, dask_resources)
     rows = {(role, split): files[f"{role}/{split}"] for role in ROLES for split in SPLITS}
     kl = timed("kl_matrix", T.compute_kl, rows["target", "calibration"], rows["draft", "calibration"])
-    aligned = timed("align_layers", T.align, kl, dense_layers)
+    aligned = timed("align_layers", T.align, kl, dense_layers, window_dense)
     layer_map = aligned["layer_map"]
     tuned = timed("tune_top_p", T.tune_top_p, rows["target", "calibration"], rows["draft", "calibration"],
                   layer_map, recall_budget, global_p, chunk_size)
@@ -270,7 +284,8 @@ def calibrate(
     # Sparse drafting: the draft's own p, per KV head as the runtime selects with this (per-head) artifact,
     # tuned on accepted length against the target's tokens (teacher-forced).
     drafting = timed("tune_draft_top_p", T.tune_draft_top_p, models, corpus_info["file"], draft_k,
-                     queries_per_window, chunk_size, draft_dense_layers, draft_acceptance_budget) \
+                     queries_per_window, chunk_size, draft_dense_layers, draft_acceptance_budget,
+                     min_sparse_window=min_sparse_window) \
         if sparse_draft else None
     # Recall is the tuning objective; perplexity (teacher-forced sparse passes on the holdout) is the check.
     holdout |= timed("evaluate", holdout_perplexity, draft_dir, target_dir, corpus_info["path"], layer_map,
@@ -303,6 +318,7 @@ def calibrate(
                                      "recall_budget": recall_budget, "global_p": global_p,
                                      "queries_per_window": queries_per_window, "alignment_cost": aligned["cost"],
                                      "head_alignment_cost": heads["cost"],
+                                     "min_sparse_window": min_sparse_window, "window_dense_layers": window_dense,
                                      "calibration_recall": tuned["recall"],
                                      "calibration_kv_fraction": tuned["kv_fraction"],
                                      "sparse_draft": _draft_objective(drafting)}),
@@ -345,7 +361,8 @@ def _draft_objective(drafting: dict | None) -> dict | None:
     brief = lambda r: {k: v for k, v in r.items() if not k.endswith("per_layer") and k != "top_p"}  # noqa: E731
     return {"kind": "accepted_length_vs_dense_draft", "budget": drafting["budget"], "k": drafting["k"],
             "per_head": drafting["per_head"], "dense_layers": drafting["dense_layers"],
-            "region_queries": drafting["n_region"], "recall_target": chosen["recall_target"],
+            "window_dense_layers": drafting["window_dense_layers"], "region_queries": drafting["n_region"],
+            "recall_target": chosen["recall_target"],
             "calibration_dense": brief(cal["dense"]), "calibration_chosen": brief(chosen)}
 
 
@@ -354,9 +371,15 @@ def _draft_curves(drafting: dict | None, n_d: int) -> dict[str, torch.Tensor]:
     own attention and the keys they read (dense layers: 1); per candidate, accepted length, KV read and p."""
     if drafting is None:
         return {}
-    cands, g = drafting["calibration"]["candidates"], len(T.P_GRID)
-    pad = lambda rows: torch.tensor([[1.0] * g] * (n_d - len(rows)) + rows, dtype=torch.float32)  # noqa: E731
-    return {"draft_recall": pad(drafting["curves"]["recall"]), "draft_kv_fraction": pad(drafting["curves"]["read"]),
+    cands, curves = drafting["calibration"]["candidates"], drafting["curves"]
+
+    def per_layer(rows: list) -> torch.Tensor:  # the tuned layers' rows; dense layers read everything
+        out = torch.ones(n_d, len(T.P_GRID))
+        if rows:
+            out[curves["layers"]] = torch.tensor(rows, dtype=torch.float32)
+        return out
+
+    return {"draft_recall": per_layer(curves["recall"]), "draft_kv_fraction": per_layer(curves["read"]),
             "draft_candidate_accepted_length": torch.tensor([c["mean_accepted_length"] for c in cands]),
             "draft_candidate_kv_read": torch.tensor([c["draft_kv_read_all_layers"] for c in cands]),
             "draft_candidate_top_p": torch.tensor([c["top_p"] for c in cands], dtype=torch.float32)}
@@ -415,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draft-acceptance-budget", type=float,
                     help="share of the dense draft's accepted length sparse drafting may lose (default 0.05)")
     ap.add_argument("--draft-dense-layers", type=int, help="leading draft layers that draft densely (default 0)")
+    ap.add_argument("--min-sparse-window", type=int, help="sliding windows shorter than this many tokens stay "
+                    f"dense (default {MIN_SPARSE_WINDOW}; 0: every window layer may be sparse)")
     ap.add_argument("--draft")
     ap.add_argument("--target")
     ap.add_argument("--corpus")

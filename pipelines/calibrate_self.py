@@ -26,11 +26,12 @@ import specattn_runtime
 from specattn_runtime.artifact import (FORMAT, SCHEMA_VERSION, Artifact, load_artifact, save_artifact, update_latest,
                                        window_metadata)
 from specattn_runtime.fingerprint import model_fingerprint, tokenizer_hash
-from specattn_runtime.models import check_model_dir, load_causal_lm, num_layers
-from specattn_runtime.variants import check_supported
+from specattn_runtime.models import check_model_dir, layer_windows_of, load_causal_lm, num_layers
+from specattn_runtime.variants import check_supported, layer_windows
 
 from . import calibration_tasks as T
 from . import self_tuning as S
+from .candidates import MIN_SPARSE_WINDOW, short_window_layers, sparse_candidates
 from .presets import PAIRS, model_folder_name
 
 TEMPERATURES = (1.0, 0.8)
@@ -60,11 +61,16 @@ def _dense_windows(model, windows: torch.Tensor, n_region: int, k: int, layers: 
 
 @task
 def tune_and_check(model_dir: str, windows_path: str, draft_k: int, queries_per_window: int, chunk_size: int,
-                   dense_layers: int, global_p: float | None) -> dict:
-    """Dense passes, the teacher-forced search, and the chosen budgets measured on the holdout windows."""
+                   dense_layers: int, global_p: float | None, min_sparse_window: int = MIN_SPARSE_WINDOW) -> dict:
+    """Dense passes, the teacher-forced search, and the chosen budgets measured on the holdout windows. The first
+    ``dense_layers`` and the layers with a window shorter than ``min_sparse_window`` draft densely."""
     model = load_causal_lm(model_dir, attn_implementation=S.register())
     n_layers = model.config.num_hidden_layers
-    layers = list(range(dense_layers, n_layers))
+    windows = layer_windows(model.config)
+    layers = sparse_candidates(windows, dense_layers, min_sparse_window)
+    if not layers:
+        raise ValueError(f"no layer of the model can draft sparsely: the first {dense_layers} are dense and the "
+                         f"others have sliding windows shorter than min_sparse_window={min_sparse_window}")
     win = load_file(windows_path)
     n_region = S.region_size(win["calibration"].shape[1], queries_per_window, draft_k)
     cal = _dense_windows(model, win["calibration"], n_region, draft_k, layers, chunk_size, "calibration")
@@ -76,13 +82,14 @@ def tune_and_check(model_dir: str, windows_path: str, draft_k: int, queries_per_
     return {"layers": layers, "n_layers": n_layers, "top_p": [ps.get(j, 1.0) for j in range(n_layers)],
             "candidates": tuned["candidates"], "best": tuned["best"], "recall": tuned["recall"].tolist(),
             "read": tuned["read"].tolist(), "holdout": S.summarize(total, draft_k, n_layers, layers),
-            "n_region": n_region}
+            "n_region": n_region, "window_dense_layers": short_window_layers(windows, min_sparse_window),
+            "min_sparse_window": min_sparse_window}
 
 
 def calibrate_self(preset: str | None, target: str | None, corpus: str | None, window_tokens: int,
                    num_windows: int, holdout_windows: int, queries_per_window: int, chunk_size: int,
                    dense_layers: int, global_p: float | None, draft_k: int, out_root: Path,
-                   skip_if_unchanged: bool) -> str:
+                   skip_if_unchanged: bool, min_sparse_window: int = MIN_SPARSE_WINDOW) -> str:
     """The body of the ``calibrate`` flow for ``mode="self"`` (parameters already checked)."""
     log = get_run_logger()
     t0 = time.perf_counter()
@@ -105,6 +112,8 @@ def calibrate_self(preset: str | None, target: str | None, corpus: str | None, w
     # they were, and so is the fingerprint of an artifact already calibrated on them.
     if corpus_info["window_prefix"]:
         params["window_prefix"] = corpus_info["window_prefix"]
+    if short_window_layers(layer_windows_of(model_dir), min_sparse_window):  # else: fingerprint as before
+        params["min_sparse_window"] = min_sparse_window
     fingerprint = hashlib.sha256(json.dumps([fp["weights_hash"], fp["config_hash"], corpus_info["sha256"], params,
                                              SCHEMA_VERSION], sort_keys=True).encode()).hexdigest()
     folder = out_root / name
@@ -115,7 +124,7 @@ def calibrate_self(preset: str | None, target: str | None, corpus: str | None, w
         log.info("model, corpus and parameters unchanged since %s: nothing to do", latest)
         return str(latest.resolve())
     res = tune_and_check(model_dir, corpus_info["path"], draft_k, queries_per_window, chunk_size, dense_layers,
-                         global_p)
+                         global_p, min_sparse_window)
     art = _artifact(res, fp, n_t, tok_hash, corpus_info, params, fingerprint, draft_k)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -148,6 +157,8 @@ def _artifact(res: dict, fp: dict, n_t: int, tok_hash: str, corpus_info: dict, p
             "objective": json.dumps({"kind": "accepted_tokens_per_kv_read", "k": k,
                                      "queries_per_window": params["queries_per_window"],
                                      "region_queries": res["n_region"], "global_p": params["global_p"],
+                                     "min_sparse_window": res["min_sparse_window"],
+                                     "window_dense_layers": res["window_dense_layers"],
                                      "chosen": {key: v for key, v in best.items()
                                                 if key != "draft_kv_read_per_layer"}}),
             "holdout_quality": json.dumps(res["holdout"]),

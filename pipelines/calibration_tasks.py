@@ -18,10 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from specattn_runtime.artifact import clean_stale_temps, temp_prefix
 from specattn_runtime.fingerprint import model_fingerprint, tokenizer_hash
-from specattn_runtime.models import check_model_dir, load_tokenizer, num_layers
+from specattn_runtime.models import check_model_dir, layer_windows_of, load_tokenizer, num_layers
 
 from . import assets
 from .alignment import align_heads, align_layers, map_cost
+from .candidates import MIN_SPARSE_WINDOW
 from .attention_stats import collect_pooled_attention, kl_matrix, query_positions, valid_chunks
 from .corpus import special_prefix, split_documents, text_files, wiki_articles, windows_from_token_lists
 from .file_results import CACHED, FileRef, file_ref
@@ -52,9 +53,8 @@ def prepare_models(draft: str, target: str) -> dict:
         raise ValueError(
             f"draft {d} and target {t} use different tokenizers (tokenizer hash {d_tok[:12]} vs {t_tok[:12]}); "
             "layer alignment compares attention position by position, so both must tokenize identically")
-    return {"draft": {"path": str(d), "n_layers": num_layers(d), **model_fingerprint(d)},
-            "target": {"path": str(t), "n_layers": num_layers(t), **model_fingerprint(t)},
-            "tokenizer_hash": t_tok}
+    return {role: {"path": str(p), "n_layers": num_layers(p), "windows": layer_windows_of(p), **model_fingerprint(p)}
+            for role, p in (("draft", d), ("target", t))} | {"tokenizer_hash": t_tok}
 
 
 def _documents(corpus: str | None) -> tuple[str, list[str]]:
@@ -145,9 +145,10 @@ def compute_kl(target_rows: str, draft_rows: str, eps: float = 1e-6) -> list[lis
 
 
 @task
-def align(kl: list[list[float]], dense_layers: int) -> dict:
+def align(kl: list[list[float]], dense_layers: int, also_dense: list[int] = ()) -> dict:
+    """The monotone layer map; the first ``dense_layers`` and the ``also_dense`` target layers stay dense."""
     kl_t = torch.tensor(kl)
-    layer_map = align_layers(kl_t, dense_layers)
+    layer_map = align_layers(kl_t, dense_layers, also_dense)
     return {"layer_map": layer_map, "cost": map_cost(kl_t, layer_map)}
 
 
@@ -266,7 +267,8 @@ DRAFT_TEMPERATURES = (1.0,)  # rejection sampling's acceptance reported beside g
 
 @task(**CACHED)
 def tune_draft_top_p(models: dict, windows: FileRef, draft_k: int, queries_per_window: int, chunk_size: int,
-                     draft_dense_layers: int, budget: float, per_head: bool = True) -> dict:
+                     draft_dense_layers: int, budget: float, per_head: bool = True,
+                     min_sparse_window: int = MIN_SPARSE_WINDOW) -> dict:
     """Sparse drafting: the draft's own p per layer (:func:`pipelines.draft_tuning.tune_draft`) on the calibration
     windows, then dense and sparse drafting measured again on the holdout windows. Keyed on the models' hashes and
     the windows file's content (a :class:`FileRef`); the result is numbers only."""
@@ -286,7 +288,7 @@ def tune_draft_top_p(models: dict, windows: FileRef, draft_k: int, queries_per_w
                 for w in win[split]]
 
     tuned = D.tune_draft(draft, passes("calibration"), n_d, draft_dense_layers, P_GRID, budget, per_head,
-                         DRAFT_TEMPERATURES, progress=False)
+                         DRAFT_TEMPERATURES, progress=False, min_sparse_window=min_sparse_window)
     hold = passes("holdout")
     ps = dict(enumerate(tuned["top_p"]))
     summary = lambda top_p: D.summarize(D.measure(draft, hold, n_d, top_p, per_head, DRAFT_TEMPERATURES),  # noqa: E731
@@ -294,7 +296,8 @@ def tune_draft_top_p(models: dict, windows: FileRef, draft_k: int, queries_per_w
     dense_h, sparse_h = summary(None), summary(ps if min(ps.values()) < 1.0 else None)
     return {"top_p": tuned["top_p"], "best": tuned["best"], "n_region": n_region, "k": draft_k,
             "per_head": per_head, "dense_layers": draft_dense_layers, "budget": budget,
+            "window_dense_layers": tuned["window_dense_layers"],
             "calibration": {"dense": tuned["dense"], "candidates": tuned["candidates"]},
             "holdout": {"dense": dense_h, "sparse": sparse_h,
                         "accepted_length_ratio": sparse_h["mean_accepted_length"] / dense_h["mean_accepted_length"]},
-            "curves": {"recall": tuned["recall"].tolist(), "read": tuned["read"].tolist()}}
+            "curves": {"recall": tuned["recall"].tolist(), "read": tuned["read"].tolist(), "layers": tuned["layers"]}}

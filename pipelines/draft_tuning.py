@@ -23,7 +23,8 @@ the draft's cache as their sparse forwards wrote them (the next step's forward 0
 verification moves acceptance a little, for dense and sparse drafting alike). The issue's runtime test (teacher-forced
 acceptance = measured acceptance) says how far that goes.
 
-Tuning (:func:`tune_draft`): the first ``dense_layers`` draft layers stay dense; for each recall target of
+Tuning (:func:`tune_draft`): the first ``dense_layers`` draft layers stay dense, and so do layers with a short
+sliding window (:mod:`pipelines.candidates`); for each recall target of
 :data:`~pipelines.self_tuning.RECALL_GRID`, every other layer takes the smallest p of the grid whose selection keeps
 that share of its sparse forwards' own dense attention; each candidate's greedy accepted length is measured; the
 candidate that reads the least draft KV while keeping ``>= (1 - budget)`` of the dense draft's accepted length wins
@@ -37,8 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from specattn_runtime.selection import select_chunks
+from specattn_runtime.variants import layer_windows
 
 from . import self_tuning as S
+from .candidates import MIN_SPARSE_WINDOW, short_window_layers, sparse_candidates
 
 
 def block_starts(first: int, n_region: int, k: int, device=None) -> torch.Tensor:
@@ -193,25 +196,32 @@ def choose(candidates: list[dict], dense_length: float, budget: float) -> int:
 
 
 def tune_draft(draft, windows: list[DraftWindow], n_layers: int, dense_layers: int, p_grid: torch.Tensor,
-               budget: float, per_head: bool = True, temperatures=(1.0,), progress: bool = True) -> dict:
-    """The draft's per-layer p (see the module docstring for the rule), measured teacher-forced.
+               budget: float, per_head: bool = True, temperatures=(1.0,), progress: bool = True,
+               min_sparse_window: int = MIN_SPARSE_WINDOW) -> dict:
+    """The draft's per-layer p (see the module docstring for the rule), measured teacher-forced. The first
+    ``dense_layers`` and the layers with a window shorter than ``min_sparse_window`` (:mod:`pipelines.candidates`)
+    draft densely.
 
     Returns ``top_p`` (list, one per draft layer), the dense draft's summary, every candidate's (with its
-    ``recall_target`` and ``top_p``), ``best`` (index) and the per-layer curves (``recall``, ``read``)."""
+    ``recall_target`` and ``top_p``), ``best`` (index), the per-layer curves (``recall``, ``read``) of the tuned
+    ``layers`` and the ``window_dense_layers``."""
     from tqdm.auto import tqdm
 
     if not 0 <= dense_layers <= n_layers:
         raise ValueError(f"draft dense_layers={dense_layers} must lie in [0, {n_layers}] (the draft's layers)")
-    layers = list(range(dense_layers, n_layers))
+    windows_per_layer = layer_windows(draft.config)
+    layers = sparse_candidates(windows_per_layer, dense_layers, min_sparse_window)
     k = windows[0].dense.k
     dense = summarize(measure(draft, windows, n_layers, None, per_head, temperatures), k, n_layers)
     recall, read = layer_curves(windows, layers, p_grid, per_head)
     candidates, seen = [], set()
     for target in S.RECALL_GRID:
-        ps = tuple(S.p_for_recall(p_grid, recall[r], target) for r in range(len(layers)))
-        if ps not in seen:
-            seen.add(ps)
-            candidates.append((target, [1.0] * dense_layers + list(ps)))
+        ps = [1.0] * n_layers
+        for r, j in enumerate(layers):
+            ps[j] = S.p_for_recall(p_grid, recall[r], target)
+        if tuple(ps) not in seen:
+            seen.add(tuple(ps))
+            candidates.append((target, ps))
     results = []
     with tqdm(total=len(candidates) * len(windows), desc="sparse drafting (teacher-forced)", unit="pass",
               disable=not progress) as bar:
@@ -227,7 +237,8 @@ def tune_draft(draft, windows: list[DraftWindow], n_layers: int, dense_layers: i
         results.append({"recall_target": None, "top_p": [1.0] * n_layers, **dense})
     best = choose(results, dense["mean_accepted_length"], budget)
     return {"top_p": results[best]["top_p"], "best": best, "dense": dense, "candidates": results,
-            "recall": recall, "read": read, "layers": layers}
+            "recall": recall, "read": read, "layers": layers,
+            "window_dense_layers": short_window_layers(windows_per_layer, min_sparse_window)}
 
 
 @torch.no_grad()

@@ -33,6 +33,15 @@ def num_layers(model_dir: str | Path) -> int:
     return int(cfg["num_hidden_layers"])
 
 
+def layer_windows_of(model_dir: str | Path) -> list[int | None]:
+    """Per decoder layer of the model in ``model_dir``: its sliding window, or None (read from its config alone)."""
+    from transformers import AutoConfig
+
+    from .variants import layer_windows
+
+    return layer_windows(AutoConfig.from_pretrained(str(model_dir)))
+
+
 def load_causal_lm(path: str | Path, *, role: str = "model", dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", attn_implementation: str | None = None):
     """Load a local causal LM in eval mode.

@@ -56,3 +56,23 @@ def test_dense_layers_all_and_errors():
         align_layers(torch.tensor([[float("nan"), 1.0]]), 0)
     with pytest.raises(ValueError, match="non-empty"):
         align_layers(torch.zeros(0, 3), 0)
+
+
+@pytest.mark.parametrize("n_t,n_d,dense,also", [(6, 4, 1, [3]), (5, 5, 0, [0, 2]), (7, 3, 2, [2, 4, 6]),
+                                                (4, 3, 0, [0, 1, 2, 3])])
+def test_also_dense_layers_match_brute_force(n_t, n_d, dense, also, gen):
+    """Layers named in ``also_dense`` get -1 and do not constrain the others: the map over the remaining layers is
+    the brute-force optimum among maps non-decreasing over those layers alone."""
+    keep = [j for j in range(n_t) if j >= dense and j not in also]
+    for _ in range(20):
+        kl = torch.rand(n_t, n_d, generator=gen, dtype=torch.float64)
+        got = align_layers(kl, dense, also)
+        assert [j for j in range(n_t) if got[j] < 0] == sorted(set(range(dense)) | set(also))
+        sparse = [got[j] for j in keep]
+        assert all(0 <= i < n_d for i in sparse) and all(a <= b for a, b in zip(sparse, sparse[1:]))
+        best = min((map_cost(kl[keep], list(p)) for p in itertools.combinations_with_replacement(range(n_d),
+                                                                                                 len(keep))),
+                   default=0.0)
+        assert map_cost(kl, got) == pytest.approx(best, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="outside the target"):
+        align_layers(torch.rand(3, 2), 0, [3])
