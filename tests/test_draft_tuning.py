@@ -184,6 +184,50 @@ def test_tuning_rule_on_a_synthetic_pair(gen):
     assert all(c["draft_kv_read_sparse_forwards"] < c["draft_kv_read_all_layers"] < 1 for c in sparse)
 
 
+# --- the measurement against the runtime --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+@torch.no_grad()
+def test_teacher_forced_acceptance_equals_the_runtime(per_head):
+    """On text the target wrote itself (its greedy continuation), the runtime's first step after a prompt of
+    ``E + 1`` tokens (eager loop, dense verification, sparse drafting at the artifact's draft p) accepts exactly
+    as many drafts as the teacher-forced measurement scores for the block starting at ``E``: a draft accepted so
+    far was the text's token, so both drafted from the same context and the same chunks."""
+    import copy
+    import dataclasses
+
+    from specattn_runtime import SpecAttnRuntime
+    from test_engine import PROMPT, noisy_copy
+    from test_runtime_devices import tiny_llama
+    from test_sparse_draft import DRAFT_P, sparse_draft_artifact
+
+    k = 4
+    target = tiny_llama(4, 2, "cpu")
+    draft = noisy_copy(target, 0.03, 1)
+    art = sparse_draft_artifact(per_head=per_head, target_p=1.0)
+    if per_head:  # dense verification: every head's p is 1 too
+        art = dataclasses.replace(art, top_p_head=torch.ones_like(art.top_p_head))
+    rt = SpecAttnRuntime(art, draft, target, engine="eager", exact_dense_shortcut=False)
+    text = PROMPT[:150] + rt.generate(PROMPT[:150], 80, k=0, eos_token_id=None).tokens  # the target's greedy text
+    tf_draft = copy.deepcopy(draft)
+    tf_draft.set_attn_implementation(S.register())
+    runtime, measured, sparse_moved = [], [], False
+    for e in (160, 171, 183, 192, 204, 217):
+        out = rt.generate(text[: e + 1], 1, k=k, eos_token_id=None)  # one step: its accepted drafts
+        runtime.append(out.stats.accepted)
+        w = D.draft_window(tf_draft, target, torch.tensor(text[: e + k]), k, k, list(range(4)), CS)  # block at e
+        assert w.target_logits.argmax(-1).tolist() == text[e + 1 : e + k + 1]  # the target's own text
+        stats = D.measure(tf_draft, [w], 4, dict(enumerate(DRAFT_P)), per_head)
+        measured.append(int(stats["greedy_len"]) - 1)
+        sparse_moved |= stats["same_as_dense"][1:] != [1.0] * (k - 1) or \
+            not torch.equal(S.region_pass(tf_draft, w.dense, D.chunks_for(w.dense, dict(enumerate(DRAFT_P)),
+                                                                          per_head))[0], w.dense.logits)
+    assert runtime == measured
+    assert 0 < sum(runtime) < k * len(runtime), f"no rejection or no acceptance: {runtime}"
+    assert sparse_moved, "the sparse drafts equal the dense draft: nothing tested"
+
+
 # --- evaluation: the target's selection from the sparse draft's rows ------------------------------------------
 
 @pytest.mark.slow
