@@ -23,7 +23,10 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_TASKS_REFRESH_CACHE", "true")  # every configuration computes every shard
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, bench/ itself is sys.path[0]: replace it (its kernels.py would shadow the `kernels` package
+# that transformers imports where it is installed)
+sys.path[0:1] = [str(ROOT)] if Path(sys.path[0]).resolve() == ROOT / "bench" else [str(ROOT), sys.path[0]]
 
 from pipelines import calibration_tasks as T  # noqa: E402
 from pipelines.collect import collect_attention, task_runner  # noqa: E402

@@ -18,8 +18,13 @@ Methods (the ``method`` key of each JSON row):
   over the chunks selected from its previous dense verification's recorded attention, then verifies densely.
 
 Models are real architectures built from their configs with random bf16 weights (nothing to download): Llama-2-7B
-target + TinyLlama-1.1B draft (``llama2``, MHA target), Llama-3.1-8B + Llama-3.2-1B (``llama3``, GQA). Random
-weights show neither acceptance nor sparsity, so both are **forced**, and said so in every table:
+target + TinyLlama-1.1B draft (``llama2``, MHA target), Llama-3.1-8B + Llama-3.2-1B (``llama3``, GQA), Gemma-3-12B
++ Gemma-3-1B (``gemma3``: five sliding-window layers per global one, windows of 1,024 / 512, head_dim 256, one KV
+head in the draft; both vocabularies at the 1B's 262,144 so that every target token is a draft token). Window layers
+shorter than the calibration rule's minimum (``pipelines/candidates.py``) stay dense in the forced artifacts, as a
+calibration would leave them, and keep window-sized (ring) caches; rows carry ``kv_bytes`` (the caches allocated)
+beside ``kv_bytes_full`` (every layer at full length). Random weights show neither acceptance nor sparsity, so both
+are **forced**, and said so in every table:
 
 - acceptance: the engine's acceptance is replaced by a fixed cycle of accepted counts whose mean tokens per step
   is ``--accepted-length`` (on the device, inside the captured accept phase);
@@ -36,6 +41,8 @@ the self-speculation's caches).
     python3 bench/e2e.py --pair llama2 --contexts 8192 32768 65536 --out bench/e2e_llama2_h100.json
     python3 bench/e2e.py --pair llama2 --contexts 131072 --methods hf_compiled_ar ar self_spec --k 4 \
         --self-accepted-length 3.0 3.5 --self-density 0.10 0.05 --out bench/e2e_self_spec_h200.json
+    python3 bench/e2e.py --pair gemma3 --contexts 32768 131072 --methods hf_compiled_ar ar spec_dense specattn \
+        self_spec --k 4 --accepted-length 3.0 --density 0.4 --out bench/e2e_gemma3_h200.json
 """
 
 from __future__ import annotations
@@ -52,18 +59,32 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, bench/ itself is sys.path[0]: replace it (its kernels.py would shadow the `kernels` package
+# that transformers imports where it is installed)
+sys.path[0:1] = [str(ROOT)] if Path(sys.path[0]).resolve() == ROOT / "bench" else [str(ROOT), sys.path[0]]
 
 from bench.kernels import copy_bandwidth  # noqa: E402
 from specattn_runtime import SpecAttnRuntime, hooks  # noqa: E402
 from specattn_runtime.engine import (DecodeEngine, KVStore, SelfSpecEngine, SparsePlan, StepTimes,  # noqa: E402
                                      make_forward, self_plan)
+from specattn_runtime.variants import layer_windows, model_features  # noqa: E402
+from pipelines.candidates import short_window_layers, sparse_candidates  # noqa: E402 (no Prefect import)
 
 METHODS = ("hf_compiled_ar", "ar", "spec_dense", "specattn", "self_spec", "specattn_head", "specattn_sd")
 SPEC_METHODS = {"spec_dense", "specattn", "specattn_head", "specattn_sd"}  # need the draft model and the runtime
 
+GEMMA3_LOCAL = 5  # Gemma 3: five sliding-window layers, then a global one
+
+
+def gemma3(n_layers: int, **cfg) -> dict:
+    return dict(model_type="gemma3_text", num_hidden_layers=n_layers, head_dim=256, query_pre_attn_scalar=256,
+                vocab_size=262144, layer_types=["full_attention" if (j + 1) % (GEMMA3_LOCAL + 1) == 0 else
+                                                "sliding_attention" for j in range(n_layers)], **cfg)
+
+
 PAIRS = {
-    # (target config, draft config): public architecture hyper-parameters
+    # (target config, draft config): public architecture hyper-parameters (``model_type`` default "llama")
     "llama2": (dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0),
                dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -72,17 +93,31 @@ PAIRS = {
                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
                dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True)),
+    "gemma3": (gemma3(48, hidden_size=3840, intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8,
+                      sliding_window=1024),
+               gemma3(26, hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
+                      sliding_window=512)),
 }
 
 
-def build(cfg: dict, max_pos: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(cfg: dict, max_pos: int, device: str = "cuda"):
+    """A random-weight bf16 model of the architecture ``cfg`` describes (``model_type``, default "llama")."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(**cfg, max_position_embeddings=max_pos, rms_norm_eps=1e-5)
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type", "llama")
+    if model_type == "llama":
+        cfg["rms_norm_eps"] = 1e-5
+    config = AutoConfig.for_model(model_type, **cfg, max_position_embeddings=max_pos)
     config._attn_implementation = hooks.register()
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=hooks.register()).to(torch.bfloat16)
     return model.eval()
+
+
+def dense_window_layers(model) -> list[int]:
+    """The layers whose sliding window the calibration rule keeps dense (``pipelines/candidates.py``)."""
+    return short_window_layers(layer_windows(model.config))
 
 
 def forced_cycle(accepted_length: float, k: int, n: int = 64) -> list[int]:
@@ -122,15 +157,17 @@ class ForcedSelfAcceptance(ForcedAcceptanceMixin, SelfSpecEngine):
 
 
 def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2, heads: tuple[int, int] | None = None,
-                 draft_density: float | None = None, draft_dense_layers: int = 1):
+                 draft_density: float | None = None, draft_dense_layers: int = 1, target_dense=(), draft_dense=()):
     """A synthetic artifact: target layers mapped proportionally onto draft layers, p = density. ``heads``
     ``(target KV heads, draft KV heads)``: with a head map (each target KV head guided by the draft KV head at the
     same relative index) and p = density on every head. ``draft_density``: sparse drafting, that p on every draft
-    layer after the first ``draft_dense_layers``."""
+    layer after the first ``draft_dense_layers``. ``target_dense`` / ``draft_dense``: other layers kept dense (short
+    sliding windows)."""
     from specattn_runtime.artifact import FORMAT, SCHEMA_VERSION, Artifact
 
-    layer_map = [-1] * dense_layers + [min(n_d - 1, round(j * (n_d - 1) / (n_t - 1))) for j in range(dense_layers, n_t)]
-    top_p = [1.0] * dense_layers + [density] * (n_t - dense_layers)
+    layer_map = [-1 if j < dense_layers or j in target_dense else min(n_d - 1, round(j * (n_d - 1) / (n_t - 1)))
+                 for j in range(n_t)]
+    top_p = [1.0 if m < 0 else density for m in layer_map]
     meta = {"format": FORMAT, "schema_version": str(SCHEMA_VERSION), "mode": "draft", "chunk_size": "16",
             "dense_layers": str(dense_layers), "draft_model": json.dumps({"name": "random", "n_layers": n_d}),
             "target_model": json.dumps({"name": "random", "n_layers": n_t}), "tokenizer_hash": "-",
@@ -138,7 +175,7 @@ def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2, head
             "holdout_quality": "{}", "created_at": datetime.now(timezone.utc).isoformat(), "specattn_version": "bench"}
     art = Artifact(torch.tensor(layer_map, dtype=torch.int32), torch.tensor(top_p), torch.zeros(n_t, n_d), meta)
     if draft_density is not None:
-        dp = [1.0] * draft_dense_layers + [draft_density] * (n_d - draft_dense_layers)
+        dp = [1.0 if i < draft_dense_layers or i in draft_dense else draft_density for i in range(n_d)]
         art = dataclasses.replace(art, draft_top_p=torch.tensor(dp))
     if heads is None:
         return art
@@ -149,23 +186,31 @@ def artifact_for(n_t: int, n_d: int, density: float, dense_layers: int = 2, head
 
 
 class Bytes:
-    """Bytes one forward must read: weights (the embedding table only as the LM head, when tied) and KV."""
+    """Bytes one forward must read: weights (the embedding table only as the LM head, when tied) and KV (a
+    sliding-window layer reads at most its window)."""
 
     def __init__(self, model):
         cfg = model.config
         self.weights = sum(p.numel() * p.element_size() for p in model.parameters())
         if not cfg.tie_word_embeddings:  # an untied input embedding reads one row per token, not the table
             self.weights -= model.get_input_embeddings().weight.numel() * 2
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.kv_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_per_layer_position = 2 * cfg.num_key_value_heads * head_dim * 2
+        self.windows = layer_windows(cfg)
 
-    def forward(self, ctx: int, kv_fraction: float = 1.0) -> float:
-        return self.weights + self.kv_per_position * ctx * kv_fraction
+    def kv(self, ctx: int, fraction=1.0) -> float:
+        """KV bytes of one query at ``ctx`` keys: each layer's visible keys (``min(ctx, window)``) times the share
+        it read (``fraction``: one number for every layer, or one per layer)."""
+        shares = fraction if isinstance(fraction, (list, tuple)) else [fraction] * len(self.windows)
+        return self.kv_per_layer_position * sum(min(ctx, w or ctx) * f for w, f in zip(self.windows, shares))
+
+    def forward(self, ctx: int, kv_fraction=1.0) -> float:
+        return self.weights + self.kv(ctx, kv_fraction)
 
     def draft_phase(self, ctx: int, k: int, sparse_read: float = 1.0) -> float:
         """The draft phase: ``k`` forwards (weights each time), the first reading all ``ctx`` keys, the other
         ``k - 1`` the share ``sparse_read`` (1 for dense drafting; sparse drafting's mean over layers)."""
-        return k * self.weights + self.kv_per_position * ctx * (1 + (k - 1) * sparse_read)
+        return k * self.weights + self.kv(ctx) * (1 + (k - 1) * sparse_read)
 
 
 @torch.no_grad()
@@ -232,12 +277,15 @@ def run_ours(rt: SpecAttnRuntime, ids: torch.Tensor, new_tokens: int, k: int, ac
     s = out.stats
     per_step = 1e3 / s.steps
     kv = sum(s.kv_read_fraction) / len(s.kv_read_fraction)
+    store = rt._caches.store
     dkv = s.draft_kv_read_fraction
     return {"tokens_per_second": s.decode_tokens_per_second, "draft_kv_read": sum(dkv) / len(dkv) if dkv else None, "step_ms": s.time_decode * per_step,
             "split_ms": {"draft": s.time_draft * per_step, "select": s.time_select * per_step,
                          "verify": s.time_verify * per_step,
                          "other": (s.time_decode - s.time_draft - s.time_select - s.time_verify) * per_step},
             "measured_accepted_length": s.mean_accepted_length, "kv_read_all_layers": kv, "steps": s.steps,
+            "kv_read_per_layer": list(s.kv_read_fraction),
+            "kv_bytes": store.nbytes(), "kv_bytes_full": store.nbytes_full(),
             # first use of this (runtime, k) on these caches: allocation, compilation (first time per query
             # length), warm-up and graph capture; 0-ish afterwards
             "capture_s": warm.stats.time_capture, "prefill_s": warm.stats.time_prefill}
@@ -270,12 +318,15 @@ def run_engine(eng: DecodeEngine, ids: list[int], new_tokens: int) -> dict:
     elapsed, steps, toks = go(new_tokens)
     per_step, tm = 1e3 / steps, eng.times
     n_layers = eng.target.config.num_hidden_layers
-    sparse = [f / steps for f in eng.kv_read_sum()]  # per sparse layer: share of keys read (drafts, for self_spec)
-    kv = (n_layers - len(sparse) + sum(sparse)) / n_layers
+    per_layer = [1.0] * n_layers  # share of keys read (drafts, for self_spec)
+    for j, f in zip(eng.plan.sparse_layers, eng.kv_read_sum()):
+        per_layer[j] = f / steps
+    kv = sum(per_layer) / n_layers
     return {"tokens_per_second": toks / elapsed, "step_ms": elapsed * per_step,
             "split_ms": {"draft": tm.draft * per_step, "select": tm.select * per_step, "verify": tm.verify * per_step,
                          "other": (elapsed - tm.draft - tm.select - tm.verify) * per_step},
-            "measured_accepted_length": toks / steps, "kv_read_all_layers": kv, "steps": steps,
+            "measured_accepted_length": toks / steps, "kv_read_all_layers": kv, "kv_read_per_layer": per_layer,
+            "steps": steps, "kv_bytes": eng.store.nbytes(), "kv_bytes_full": eng.store.nbytes_full(),
             "capture_s": t1 - t0, "prefill_s": t2 - t1}
 
 
@@ -287,7 +338,7 @@ def self_spec_rows(target, ids: list[int], args, ks: list[int], tb: "Bytes", bw:
     n = target.config.num_hidden_layers
     capacity = -(-(ctx + 2 * args.new_tokens + 2 * max(args.k) + 16) // 16) * 16
     store = KVStore({"target": target}, capacity)
-    fwd = {"target": make_forward(target, compile=True)}
+    fwd = {"target": make_forward(target, compile=args.compile_forwards)}
     ar_floor_ms = 1e3 * tb.forward(ctx) / bw
     rows = []
     if want_ar:
@@ -296,8 +347,9 @@ def self_spec_rows(target, ids: list[int], args, ks: list[int], tb: "Bytes", bw:
                             "floor_ms": ar_floor_ms, "bytes_bound_speedup_over_ar": 1.0})
         print(f"ctx {ctx} ar: {res['tokens_per_second']:.1f} tok/s, step {res['step_ms']:.2f} ms", flush=True)
     dense = args.self_dense_layers
+    layers = sparse_candidates(layer_windows(target.config), dense)  # short windows stay dense
     for k in ks:
-        plan = self_plan(range(dense, n), [args.self_density[0]] * (n - dense))
+        plan = self_plan(layers, [args.self_density[0]] * len(layers))
         eng = ForcedSelfAcceptance(target, store, plan, k, fwd, backend="triton", graphs=True,
                                    record_launch=args.self_record_launch)
         for acc, d in zip(args.self_accepted_length, args.self_density):
@@ -306,7 +358,7 @@ def self_spec_rows(target, ids: list[int], args, ks: list[int], tb: "Bytes", bw:
             res = run_engine(eng, ids, args.new_tokens)
             kv = res["kv_read_all_layers"]
             # per step: k drafting forwards (weights + the drafts' KV share) and one dense verification
-            floor_ms = 1e3 * (k * tb.forward(ctx, kv) + tb.forward(ctx)) / bw
+            floor_ms = 1e3 * (k * tb.forward(ctx, res["kv_read_per_layer"]) + tb.forward(ctx)) / bw
             rows.append(base | {"k": k, "accepted_length": acc, "density": d, "method": "self_spec", **res,
                                 "dense_layers": dense, "record_launch": args.self_record_launch,
                                 "floor_ms": floor_ms,
@@ -343,6 +395,9 @@ def main() -> None:
                     help='self_spec: Triton launch of the recording verification attention, JSON, e.g. '
                          '\'{"num_warps": 8, "num_stages": 3}\' (bench/self_record_sweep.py measures them)')
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="torch.compile the model forwards of every engine row; auto: as the runtime does (on, but "
+                         "off for models with attention variants until their compiled GPU tests pass)")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline (debugging only)")
     ap.add_argument("--out", default="bench/e2e.json")
     args = ap.parse_args()
@@ -355,6 +410,8 @@ def main() -> None:
     torch.manual_seed(0)
     target = build(t_cfg, max_pos)
     draft = build(d_cfg, max_pos) if spec else None
+    variants = {f for m in (target, draft) if m is not None for f in model_features(m.config)}
+    args.compile_forwards = not variants if args.compile == "auto" else args.compile == "on"
     n_t = target.config.num_hidden_layers
     bw = copy_bandwidth("cuda")
     tb = Bytes(target)
@@ -373,19 +430,22 @@ def main() -> None:
         base = {"pair": args.pair, "context": ctx}
         if spec:
             n_d = draft.config.num_hidden_layers
-            rts = {"spec_dense": SpecAttnRuntime(artifact_for(n_t, n_d, 1.0), draft, target)}
+            windows = dict(target_dense=dense_window_layers(target), draft_dense=dense_window_layers(draft))
+            rts = {"spec_dense": SpecAttnRuntime(artifact_for(n_t, n_d, 1.0), draft, target,
+                                                 compile=args.compile_forwards)}
             if "specattn" in want:
                 for d in args.density:
-                    rts[("specattn", d)] = SpecAttnRuntime(artifact_for(n_t, n_d, d), draft, target)
+                    rts[("specattn", d)] = SpecAttnRuntime(artifact_for(n_t, n_d, d, **windows), draft, target,
+                                                           compile=args.compile_forwards)
             if "specattn_head" in want:
                 heads = (target.config.num_key_value_heads, draft.config.num_key_value_heads)
                 for d in args.density:
-                    rts[("specattn_head", d)] = SpecAttnRuntime(artifact_for(n_t, n_d, d, heads=heads), draft,
-                                                                target)
+                    rts[("specattn_head", d)] = SpecAttnRuntime(artifact_for(n_t, n_d, d, heads=heads, **windows),
+                                                                draft, target, compile=args.compile_forwards)
             if "specattn_sd" in want:
                 for d in args.density:
-                    art = artifact_for(n_t, n_d, d, draft_density=args.draft_density)
-                    rts[("specattn_sd", d)] = SpecAttnRuntime(art, draft, target)
+                    art = artifact_for(n_t, n_d, d, draft_density=args.draft_density, **windows)
+                    rts[("specattn_sd", d)] = SpecAttnRuntime(art, draft, target, compile=args.compile_forwards)
             first = rts["spec_dense"]
             for rt in rts.values():
                 rt.engine_class = ForcedAcceptance
@@ -400,9 +460,8 @@ def main() -> None:
                 for acc in args.accepted_length:
                     for key, rt in rts.items():
                         res = run_ours(rt, ids, args.new_tokens, k, acc)
-                        kv = res["kv_read_all_layers"]
                         draft_floor_ms = 1e3 * db.draft_phase(ctx, k, res["draft_kv_read"] or 1.0) / bw
-                        floor_ms = draft_floor_ms + 1e3 * tb.forward(ctx, kv) / bw
+                        floor_ms = draft_floor_ms + 1e3 * tb.forward(ctx, res["kv_read_per_layer"]) / bw
                         method, density = (key, None) if key == "spec_dense" else key
                         rows.append(base | {"k": k, "accepted_length": acc, "density": density, "method": method,
                                             **res, "draft_floor_ms": draft_floor_ms,

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, bench/ itself is sys.path[0]: replace it (its kernels.py would shadow the `kernels` package
+# that transformers imports where it is installed)
+sys.path[0:1] = [str(ROOT)] if Path(sys.path[0]).resolve() == ROOT / "bench" else [str(ROOT), sys.path[0]]
 
 from specattn_runtime.selection import select_chunks  # noqa: E402
 from specattn_runtime.selection.triton_select import indices_to_mask, topp_select_triton  # noqa: E402

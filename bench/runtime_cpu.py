@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, bench/ itself is sys.path[0]: replace it (its kernels.py would shadow the `kernels` package
+# that transformers imports where it is installed)
+sys.path[0:1] = [str(ROOT)] if Path(sys.path[0]).resolve() == ROOT / "bench" else [str(ROOT), sys.path[0]]
 
 from pipelines.presets import PAIRS  # noqa: E402
 from specattn_runtime import SpecAttnRuntime  # noqa: E402

@@ -20,6 +20,8 @@ attention through page tables, per-sequence recording and selection, one host re
 Every row has its bytes floor (``floor_ms``: what one step must read over the measured copy bandwidth; weights once
 per forward, each sequence's KV at the share its attention read) and ``floor_fraction`` = floor / measured step.
 The prompt is prefilled once and its pages copied to every sequence (decoding reads the same bytes either way).
+Models with sliding windows (``--pair gemma3``) keep their window layers in ring pages, one set per sequence, as
+``generate_batch`` does; short windows stay dense in the forced artifacts (bench/e2e.py).
 
     python3 bench/throughput.py --pair llama3 --batches 1 16 --contexts 8192 32768 --out bench/throughput_llama3_h200.json
 """
@@ -36,15 +38,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, bench/ itself is sys.path[0]: replace it (its kernels.py would shadow the `kernels` package
+# that transformers imports where it is installed)
+sys.path[0:1] = [str(ROOT)] if Path(sys.path[0]).resolve() == ROOT / "bench" else [str(ROOT), sys.path[0]]
 
-from bench.e2e import PAIRS, Bytes, artifact_for, build, forced_cycle, hf_compiled_ar  # noqa: E402
+from bench.e2e import PAIRS, Bytes, artifact_for, build, dense_window_layers, forced_cycle, hf_compiled_ar  # noqa: E402
 from bench.kernels import copy_bandwidth  # noqa: E402
 from specattn_runtime import SpecAttnRuntime  # noqa: E402
 from specattn_runtime.engine import SparsePlan, make_forward, self_plan  # noqa: E402
 from specattn_runtime.engine.batch import BatchEngine  # noqa: E402
 from specattn_runtime.engine.graphs import BatchGraphs  # noqa: E402
-from specattn_runtime.engine.pages import PagedKVPool, bytes_per_page  # noqa: E402
+from specattn_runtime.engine.pages import PagedKVPool, bytes_per_page, pool_ring_slots, ring_pool_bytes  # noqa: E402
 from specattn_runtime.engine.prefill import prefill_into_pool  # noqa: E402
 
 METHODS = ("ar", "spec_dense", "specattn", "specattn_head", "specattn_sd", "self_spec", "hf_compiled_batch",
@@ -68,36 +73,38 @@ class ForcedBatchAcceptance(BatchEngine):
         return self.schedule.index_select(0, phase), self.tlogits[:b].argmax(-1)
 
 
-def filled_pool(models: dict, batch: int, ctx: int, extra: int, vocab: int) -> tuple[PagedKVPool, list[list[int]],
-                                                                                    list[int]]:
+def filled_pool(models: dict, batch: int, ctx: int, extra: int, vocab: int):
     """A pool holding ``batch`` copies of one random ``ctx``-token prompt (both models), ``extra`` positions spare
-    per sequence. Returns (pool, pages per sequence, prompt)."""
+    per sequence (window layers: in rings). Returns (pool, pages per sequence, ring pages per sequence, prompt)."""
     page = 16
     per_seq = -(-(ctx + extra) // page)
-    pool = PagedKVPool(models, batch * per_seq + 1, page)
+    pool = PagedKVPool(models, batch * per_seq + 1, page, ring_sequences=batch)
     pages = [pool.allocator.allocate(per_seq) for _ in range(batch)]
+    rings = [pool.ring_allocator.allocate(pool.ring_pages) if pool.ring_slots else [] for _ in range(batch)]
     prompt = torch.randint(0, vocab, (ctx,)).tolist()
     for role in models:
-        prefill_into_pool(pool, role, pages[0], prompt[:-1])
-        src = torch.tensor(pages[0], device=pool.device)
-        for p in pages[1:]:
-            dst = torch.tensor(p, device=pool.device)
-            for k, v in pool.kv[role]:
+        prefill_into_pool(pool, role, pages[0], prompt[:-1], ring_pages=rings[0])
+        for j, (k, v) in enumerate(pool.kv[role]):
+            ids = rings if pool.ring[role][j] else pages  # a window layer's ring pages, or the sequence's pages
+            src = torch.tensor(ids[0], device=pool.device)
+            for p in ids[1:]:
+                dst = torch.tensor(p, device=pool.device)
                 k.index_copy_(0, dst, k.index_select(0, src))
                 v.index_copy_(0, dst, v.index_select(0, src))
     torch.cuda.synchronize()
-    return pool, pages, prompt
+    return pool, pages, rings, prompt
 
 
 @torch.no_grad()
-def run_batched(eng: BatchEngine, pages: list[list[int]], prompt: list[int], steps: int) -> dict:
+def run_batched(eng: BatchEngine, pages: list[list[int]], rings: list[list[int]], prompt: list[int],
+                steps: int) -> dict:
     """Load every slot with the prompt, warm up (captures the bucket), then time ``steps`` steps."""
     b = len(pages)
     graphs = BatchGraphs(eng)
 
     def load():
-        for i, p in enumerate(pages):
-            eng.load_slot(i, p, len(prompt) - 1, prompt[-1], prompt[-2])
+        for i, (p, r) in enumerate(zip(pages, rings)):
+            eng.load_slot(i, p, len(prompt) - 1, prompt[-1], prompt[-2], ring_pages=r)
 
     t0 = time.perf_counter()
     load()
@@ -118,8 +125,10 @@ def run_batched(eng: BatchEngine, pages: list[list[int]], prompt: list[int], ste
     elapsed = time.perf_counter() - t1
     per_step, tm = 1e3 / steps, graphs.times
     n_layers = eng.target.config.num_hidden_layers
-    sparse = (eng.kv_read[:b].sum(0) / steps / b).tolist()  # per sparse layer, mean over sequences
-    kv = (n_layers - len(sparse) + sum(sparse)) / n_layers
+    per_layer = [1.0] * n_layers  # share of keys read, mean over sequences
+    for j, f in zip(eng.plan.sparse_layers, (eng.kv_read[:b].sum(0) / steps / b).tolist()):
+        per_layer[j] = f
+    kv = sum(per_layer) / n_layers
     n_draft = len(eng.pool.kv["draft"]) if "draft" in eng.pool.kv else 0
     dsparse = (eng.draft_kv_read[:b].sum(0) / steps / b).tolist() if eng.plan.draft_sparse_layers else []
     draft_kv = (n_draft - len(dsparse) + sum(dsparse)) / n_draft if n_draft else None
@@ -127,9 +136,8 @@ def run_batched(eng: BatchEngine, pages: list[list[int]], prompt: list[int], ste
             "split_ms": {"draft": tm.draft * per_step, "select": tm.select * per_step, "verify": tm.verify * per_step,
                          "accept": tm.accept * per_step,
                          "other": (elapsed - tm.draft - tm.select - tm.verify - tm.accept) * per_step},
-            "measured_accepted_length": toks / steps / b, "kv_read_all_layers": kv, "draft_kv_read": draft_kv,
-            "steps": steps,
-            "capture_s": capture_s}
+            "measured_accepted_length": toks / steps / b, "kv_read_all_layers": kv, "kv_read_per_layer": per_layer,
+            "draft_kv_read": draft_kv, "steps": steps, "kv_bytes": eng.pool.nbytes(), "capture_s": capture_s}
 
 
 def hf_compiled_batch(model, batch: int, ctx: int, new_tokens: int) -> dict:
@@ -213,16 +221,18 @@ def main() -> None:
     plans = {"ar": (SparsePlan(), 0, "draft", 1.0)}
     if spec:
         n_d = draft.config.num_hidden_layers
+        windows = dict(target_dense=dense_window_layers(target), draft_dense=dense_window_layers(draft))
         plans["spec_dense"] = (SpecAttnRuntime(artifact_for(n_t, n_d, 1.0), draft, target).plan, args.k, "draft",
                                args.accepted_length)
-        plans["specattn"] = (SpecAttnRuntime(artifact_for(n_t, n_d, args.density), draft, target).plan, args.k,
-                             "draft", args.accepted_length)
+        plans["specattn"] = (SpecAttnRuntime(artifact_for(n_t, n_d, args.density, **windows), draft, target).plan,
+                             args.k, "draft", args.accepted_length)
         heads = (target.config.num_key_value_heads, draft.config.num_key_value_heads)
-        plans["specattn_head"] = (SpecAttnRuntime(artifact_for(n_t, n_d, args.density, heads=heads), draft,
-                                                  target).plan, args.k, "draft", args.accepted_length)
-        sd = artifact_for(n_t, n_d, args.density, draft_density=args.draft_density)
+        plans["specattn_head"] = (SpecAttnRuntime(artifact_for(n_t, n_d, args.density, heads=heads, **windows),
+                                                  draft, target).plan, args.k, "draft", args.accepted_length)
+        sd = artifact_for(n_t, n_d, args.density, draft_density=args.draft_density, **windows)
         plans["specattn_sd"] = (SpecAttnRuntime(sd, draft, target).plan, args.k, "draft", args.accepted_length)
-    plans["self_spec"] = (self_plan(range(2, n_t), [args.self_density] * (n_t - 2)), args.k, "self",
+    self_layers = [j for j in range(2, n_t) if j not in dense_window_layers(target)]
+    plans["self_spec"] = (self_plan(self_layers, [args.self_density] * len(self_layers)), args.k, "self",
                           args.self_accepted_length)
     meta = {"pair": args.pair, "device": dev_name, "torch": torch.__version__, "copy_bandwidth_GBs": bw / 1e9,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -235,30 +245,30 @@ def main() -> None:
     for ctx in args.contexts:
         for b in args.batches:
             base = {"pair": args.pair, "batch": b, "context": ctx}
-            ar_floor_ms = 1e3 * (tb.weights + b * tb.kv_per_position * ctx) / bw
-            need = b * -(-(ctx + (args.steps + 8) * (args.k + 1) + 32) // 16) * bytes_per_page(models, 16)
+            ar_floor_ms = 1e3 * (tb.weights + b * tb.kv(ctx)) / bw
+            ring = pool_ring_slots(models, 16)
+            need = b * -(-(ctx + (args.steps + 8) * (args.k + 1) + 32) // 16) * bytes_per_page(models, 16, ring) \
+                + ring_pool_bytes(models, ring, b, 16)
             free = torch.cuda.mem_get_info()[0]
             if need > 0.85 * free:
                 print(f"{b} x {ctx}: the pool needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free: skipped", flush=True)
                 rows.append(base | {"method": "all", "error": "pool does not fit"})
                 continue
-            pool, pages, prompt = filled_pool(models, b, ctx, (args.steps + 8) * (args.k + 1) + 32,
-                                              t_cfg["vocab_size"])
+            pool, pages, rings, prompt = filled_pool(models, b, ctx, (args.steps + 8) * (args.k + 1) + 32,
+                                                     t_cfg["vocab_size"])
             for method in [m for m in ENGINE_METHODS if m in want]:
                 plan, k, mode, acc = plans[method]
                 eng = ForcedBatchAcceptance(target, pool, plan, k, fwd, max_batch=b, max_pages=len(pages[0]),
                                             mode=mode, backend="triton", accepted_length=acc)
-                res = run_batched(eng, pages, prompt, args.steps)
-                kv, draft_floor = res["kv_read_all_layers"], None
+                res = run_batched(eng, pages, rings, prompt, args.steps)
+                kv, per_layer, draft_floor = res["kv_read_all_layers"], res["kv_read_per_layer"], None
                 if method == "ar":
                     floor = ar_floor_ms
                 elif mode == "self":  # k sparse drafting forwards and one dense verification
-                    floor = 1e3 * (k * (tb.weights + b * tb.kv_per_position * ctx * kv) + tb.weights
-                                   + b * tb.kv_per_position * ctx) / bw
+                    floor = 1e3 * (k * (tb.weights + b * tb.kv(ctx, per_layer)) + tb.weights + b * tb.kv(ctx)) / bw
                 else:  # k draft forwards (the later k - 1 at the share they read) and one verification
-                    draft_floor = 1e3 * (k * db.weights + b * db.kv_per_position * ctx
-                                         * (1 + (k - 1) * res["draft_kv_read"])) / bw
-                    floor = draft_floor + 1e3 * (tb.weights + b * tb.kv_per_position * ctx * kv) / bw
+                    draft_floor = 1e3 * (k * db.weights + b * db.kv(ctx) * (1 + (k - 1) * res["draft_kv_read"])) / bw
+                    floor = draft_floor + 1e3 * (tb.weights + b * tb.kv(ctx, per_layer)) / bw
                 row = base | {"method": method, "k": k or None, "accepted_length": acc if k else None,
                               "density": (args.self_density if mode == "self" else args.density)
                               if method not in ("ar", "spec_dense") else None,
@@ -273,7 +283,7 @@ def main() -> None:
                       flush=True)
                 del eng
                 save()
-            del pool, pages
+            del pool, pages, rings
             gc.collect()
             torch.cuda.empty_cache()
             if args.hf_at is None or f"{b}x{ctx}" in args.hf_at:
