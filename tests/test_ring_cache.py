@@ -280,6 +280,7 @@ def test_self_speculation_and_plain_decoding_over_rings_are_lossless(arch):
     assert a.tokens == b.tokens and a.stats.accepted_hist == b.stats.accepted_hist
 
 
+@pytest.mark.slow  # a model through the Triton interpreter
 @needs_triton
 @pytest.mark.parametrize("arch", ["mistral-window-1kv"])  # soft-capping and head_dim 256: the batched Triton test
 @torch.no_grad()
@@ -351,6 +352,7 @@ def test_batched_engine_over_ring_pages_equals_eager_loop(arch, k, temperature):
     assert pool.ring_allocator.n_free == pool.ring_allocator.capacity
 
 
+@pytest.mark.slow  # a model through the Triton interpreter
 @needs_triton
 @torch.no_grad()
 def test_batched_engine_over_ring_pages_through_triton_is_exact():

@@ -91,15 +91,20 @@ def _ring_layers(model: torch.nn.Module, ring: int) -> list[bool]:
     return [bool(ring and w and w + MAX_FORWARD_TOKENS <= ring) for w in layer_windows(model.config)]
 
 
-def bytes_per_page(models: dict[str, torch.nn.Module], page_size: int, ring: int = 0) -> int:
-    """K and V bytes of one page over every paged (full-length) layer of every model: all layers when ``ring`` is
-    0, the layers without a window otherwise."""
+def _bytes_per_position(models: dict[str, torch.nn.Module], ring: int, in_rings: bool) -> int:
+    """K and V bytes of one position over the layers of every model that keep rings (``in_rings``) or pages."""
     total = 0
     for model in models.values():
         n, hkv, d = kv_shape(model.config)
-        full = n - sum(_ring_layers(model, ring))
-        total += 2 * full * page_size * hkv * d * next(model.parameters()).element_size()
+        rings = sum(_ring_layers(model, ring))
+        total += 2 * (rings if in_rings else n - rings) * hkv * d * next(model.parameters()).element_size()
     return total
+
+
+def bytes_per_page(models: dict[str, torch.nn.Module], page_size: int, ring: int = 0) -> int:
+    """K and V bytes of one page over every paged (full-length) layer of every model: all layers when ``ring`` is
+    0, the layers without a window otherwise."""
+    return page_size * _bytes_per_position(models, ring, in_rings=False)
 
 
 def ring_pool_bytes(models: dict[str, torch.nn.Module], ring: int, sequences: int, page_size: int) -> int:
@@ -107,12 +112,7 @@ def ring_pool_bytes(models: dict[str, torch.nn.Module], ring: int, sequences: in
     model, and the scratch page)."""
     if not ring:
         return 0
-    slots = (sequences * ring // page_size + 1) * page_size
-    total = 0
-    for model in models.values():
-        n, hkv, d = kv_shape(model.config)
-        total += 2 * sum(_ring_layers(model, ring)) * slots * hkv * d * next(model.parameters()).element_size()
-    return total
+    return (sequences * ring // page_size + 1) * page_size * _bytes_per_position(models, ring, in_rings=True)
 
 
 class PagedKVPool:
