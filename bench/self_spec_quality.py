@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0:1] = [str(ROOT)] if Path(sys.path[0]).resolve() == ROOT / "bench" else [str(ROOT), sys.path[0]]
 
 from pipelines import self_tuning as S  # noqa: E402
-from pipelines.corpus import special_prefix  # noqa: E402
+from specattn_runtime.models import special_prefix  # noqa: E402
 from pipelines.eval_text import book_windows, load_books  # noqa: E402
 from pipelines.presets import PAIRS  # noqa: E402
 from specattn_runtime.models import load_causal_lm, load_tokenizer  # noqa: E402

@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from specattn_runtime.artifact import clean_stale_temps, temp_prefix
 from specattn_runtime.fingerprint import model_fingerprint, tokenizer_hash
-from specattn_runtime.models import check_model_dir, layer_windows_of, load_tokenizer, num_layers
+from specattn_runtime.models import check_model_dir, layer_windows_of, load_tokenizer, num_layers, special_prefix
 
 from . import assets
 from .alignment import align_heads, align_layers, map_cost
 from .candidates import MIN_SPARSE_WINDOW
 from .attention_stats import collect_pooled_attention, kl_matrix, query_positions, valid_chunks
-from .corpus import special_prefix, split_documents, text_files, wiki_articles, windows_from_token_lists
+from .corpus import split_documents, text_files, wiki_articles, windows_from_token_lists
 from .file_results import CACHED, FileRef, file_ref
 from .topp_tuning import LayerRows, recall_and_kv, recall_curves, tune_p
 

@@ -105,26 +105,6 @@ def split_documents(n_docs: int, holdout_every: int) -> tuple[list[int], list[in
     return cal, hold
 
 
-_PROBE = "The window starts here."
-
-
-def special_prefix(tokenizer) -> list[int]:
-    """The ids ``tokenizer`` puts before any text by default: ``[bos_id]`` where it adds a BOS, ``[]`` where not.
-
-    Read off the tokenizer itself (the same text with and without special tokens), not from a list of model
-    names, so a tokenizer configured either way is followed. A suffix some tokenizers append (EOS) is not part of
-    it: windows are cut from running text, and a prompt does not end a document.
-    """
-    plain = tokenizer(_PROBE, add_special_tokens=False).input_ids
-    full = tokenizer(_PROBE).input_ids
-    for i in range(len(full) - len(plain) + 1):
-        if full[i : i + len(plain)] == plain:
-            return list(full[:i])
-    raise ValueError(f"{type(tokenizer).__name__} tokenizes {_PROBE!r} as {plain} without special tokens and "
-                     f"{full} with them; the second does not contain the first, so its special-token prefix "
-                     "cannot be told apart from the text")
-
-
 def text_per_window(n_tokens: int, prefix: Sequence[int]) -> int:
     """Text tokens in a window of ``n_tokens`` that starts with ``prefix``."""
     if n_tokens <= len(prefix):
@@ -134,7 +114,7 @@ def text_per_window(n_tokens: int, prefix: Sequence[int]) -> int:
 
 
 def model_window(prefix: Sequence[int], ids: Sequence[int], start: int, n_tokens: int) -> list[int]:
-    """One model input of ``n_tokens`` ids: ``prefix`` (:func:`special_prefix`), then the text tokens
+    """One model input of ``n_tokens`` ids: ``prefix`` (``specattn_runtime.models.special_prefix``), then the text tokens
     ``ids[start : start + n_tokens - len(prefix)]``; raises if ``ids`` ends before the window is full.
 
     With a BOS prefix the window of a text's start is ``tokenizer(text).input_ids[:n_tokens]``: the model is

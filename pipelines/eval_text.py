@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from specattn_runtime.models import special_prefix
+
 from . import assets
-from .corpus import model_window, special_prefix, text_files, text_per_window
+from .corpus import model_window, text_files, text_per_window
 from .rdata import read_lazyload_db
 
 AUSTEN_NAME = "janeaustenr-1.0.0 (Jane Austen's six novels, Project Gutenberg text)"

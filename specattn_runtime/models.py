@@ -69,3 +69,23 @@ def load_tokenizer(path: str | Path, role: str = "model"):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(check_model_dir(path, role))
+
+
+_PROBE = "The window starts here."
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids ``tokenizer`` puts before any text by default: ``[bos_id]`` where it adds a BOS, ``[]`` where not.
+
+    Read off the tokenizer itself (the same text with and without special tokens), not from a list of model
+    names, so a tokenizer configured either way is followed. A suffix some tokenizers append (EOS) is not part of
+    it: windows are cut from running text, and a prompt does not end a document.
+    """
+    plain = tokenizer(_PROBE, add_special_tokens=False).input_ids
+    full = tokenizer(_PROBE).input_ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i])
+    raise ValueError(f"{type(tokenizer).__name__} tokenizes {_PROBE!r} as {plain} without special tokens and "
+                     f"{full} with them; the second does not contain the first, so its special-token prefix "
+                     "cannot be told apart from the text")

@@ -38,7 +38,7 @@ from .engine import DecodeEngine, KVStore, SelfSpecEngine, SparsePlan, make_forw
 from .engine.batch import BatchEngine
 from .engine.step import sampling_mode
 from .fingerprint import config_hash, tokenizer_hash, weights_hash
-from .models import check_model_dir, load_causal_lm, load_tokenizer
+from .models import check_model_dir, load_causal_lm, load_tokenizer, special_prefix
 from .moe import use_capturable_experts
 from .stats import GenerationOutput, GenerationStats, TokenSink, kv_read_sums
 from .variants import check_supported, layer_windows, model_features
@@ -85,6 +85,23 @@ def check_against_models(art: Artifact, draft_dir: Path | None, target_dir: Path
     if art.metadata["tokenizer_hash"] != tok:
         raise ValueError(f"artifact tokenizer_hash {art.metadata['tokenizer_hash'][:16]}... differs from "
                          f"{target_dir}'s {tok[:16]}...")
+
+
+def check_window_prefix(art: Artifact, tokenizer, target_dir: Path) -> None:
+    """The special tokens the target's tokenizer puts before text must be those the calibration windows began with.
+
+    ``tokenizer_hash`` covers the vocabulary and merges, not the post-processor that adds a BOS, so a tokenizer
+    re-saved with its BOS switched on or off hashes the same. Its prompts would then start differently from the
+    windows the p's were tuned on (the first token is the attention sink), which nothing else would catch.
+    Artifacts written before ``window_prefix`` existed are not checked."""
+    want = art.window_prefix
+    if want is None:
+        return
+    have = special_prefix(tokenizer)
+    if have != want:
+        raise ValueError(f"artifact was calibrated on windows that start with {want} (the tokenizer's special "
+                         f"tokens then) but {target_dir}'s tokenizer puts {have} before text: its BOS setting "
+                         "changed since calibration; recalibrate, or pass allow_mismatch=True to use it anyway")
 
 
 # Mixture-of-experts models whose experts the runtime switches to moe.py's capturable implementation
@@ -238,7 +255,8 @@ class SpecAttnRuntime:
             Local model directory of the draft: required by a mode ``draft`` artifact, refused by a mode ``self``
             one (the target drafts for itself).
         allow_mismatch : bool
-            Accept differing config/weight/tokenizer hashes (layer counts must still match).
+            Accept differing config/weight/tokenizer hashes and a tokenizer whose BOS setting differs from the
+            calibration windows' (layer counts must still match).
         **kwargs
             ``engine``, ``compile``, ``exact_dense_shortcut``: see the class.
         """
@@ -248,14 +266,16 @@ class SpecAttnRuntime:
         check_mode(art, path, draft)
         d = check_model_dir(draft, "draft") if draft is not None else None
         t = check_model_dir(target, "target")
+        tokenizer = load_tokenizer(t, "target")
+        if not allow_mismatch:
+            check_window_prefix(art, tokenizer, t)
         name = hooks.register()
         draft_model = None if d is None else load_causal_lm(d, role="draft", dtype=dtype, device=device,
                                                             attn_implementation=name)
         target_model = load_causal_lm(t, role="target", dtype=dtype, device=device, attn_implementation=name)
         check_against_models(art, d, t, None if d is None else draft_model.config.num_hidden_layers,
                              target_model.config.num_hidden_layers, allow_mismatch)
-        return cls(art, draft_model, target_model, load_tokenizer(t, "target"), backend=backend, selection=selection,
-                   **kwargs)
+        return cls(art, draft_model, target_model, tokenizer, backend=backend, selection=selection, **kwargs)
 
     # -- generation ---------------------------------------------------------------------------------------------
 

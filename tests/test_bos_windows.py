@@ -8,6 +8,7 @@ shipped SmolLM2 tokenizer (which adds no BOS) windows are what they were before 
 
 import dataclasses
 import json
+import shutil
 import warnings
 
 import pytest
@@ -18,14 +19,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from artifact_factory import make_artifact
 from pipelines import calibration_tasks as T
-from pipelines.corpus import model_window, special_prefix, windows_from_token_lists
+from pipelines.corpus import model_window, windows_from_token_lists
 from pipelines.eval_text import evaluation_windows
 from pipelines.evaluate import run_methods
 from pipelines.sparse_eval import Method
 from specattn_runtime import SpecAttnRuntime, hooks
 from specattn_runtime.artifact import ArtifactError, load_artifact, save_artifact, window_metadata
-from specattn_runtime.fingerprint import tokenizer_hash
-from specattn_runtime.models import load_tokenizer
+from specattn_runtime.fingerprint import config_hash, tokenizer_hash, weights_hash
+from specattn_runtime.models import load_tokenizer, special_prefix
 
 BOS, EOS, VOCAB, N_TOKENS, WINDOW = 1, 2, 128, 96, 16
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]  # ids 3 .. 127
@@ -174,3 +175,26 @@ def test_runtime_warns_once_when_a_prompt_lacks_the_calibrated_bos(gemma_dir):
     older = make_artifact(n_t=3, n_d=3, dense=1)
     for a in (no_prefix, older):
         assert bos_warnings(SpecAttnRuntime(a, model, model), [[5, 6, 7]]) == []
+
+
+def test_loading_refuses_a_tokenizer_whose_bos_setting_changed(gemma_dir, tmp_path):
+    """``tokenizer_hash`` covers vocabulary and merges, not the post-processor that adds BOS: the artifact's
+    ``window_prefix`` catches a tokenizer re-saved without it, before any model loads."""
+    fingerprint = json.dumps({"name": "gemma3-bos", "config_hash": config_hash(gemma_dir),
+                              "weights_hash": weights_hash(gemma_dir), "n_layers": 3})
+    art = make_artifact(n_t=3, n_d=3, dense=1)
+    art = dataclasses.replace(art, metadata={**art.metadata, "draft_model": fingerprint, "target_model": fingerprint,
+                                             "tokenizer_hash": tokenizer_hash(gemma_dir), **window_metadata([BOS])})
+    path = save_artifact(art, tmp_path / "bos.safetensors")
+    assert SpecAttnRuntime.from_artifact(path, target=gemma_dir, draft=gemma_dir).tokenizer("w1").input_ids[0] == BOS
+
+    no_bos = tmp_path / "gemma3-no-bos"
+    shutil.copytree(gemma_dir, no_bos)
+    tok = json.loads((no_bos / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (no_bos / "tokenizer.json").write_text(json.dumps(tok))
+    assert tokenizer_hash(no_bos) == tokenizer_hash(gemma_dir)  # the hash cannot tell them apart
+    with pytest.raises(ValueError, match=r"windows that start with \[1\].*puts \[\] before text"):
+        SpecAttnRuntime.from_artifact(path, target=no_bos, draft=no_bos)
+    rt = SpecAttnRuntime.from_artifact(path, target=no_bos, draft=no_bos, allow_mismatch=True)
+    assert special_prefix(rt.tokenizer) == []
