@@ -35,19 +35,24 @@ _BLANKS = re.compile(r"\n{3,}")
 
 
 def _strip_nested(text: str, open_: str, close: str) -> str:
-    """Remove balanced ``open_ ... close`` spans (templates ``{{ }}`` and tables ``{| |}`` nest)."""
+    """Remove balanced ``open_ ... close`` spans (templates ``{{ }}`` and tables ``{| |}`` nest).
+
+    Jumps from token to token with a regex (a per-character loop took seconds on the shipped dump, which every
+    calibration and many tests read); a ``close`` outside any span is text."""
+    token = re.compile(f"{re.escape(open_)}|{re.escape(close)}")
     out, depth, i = [], 0, 0
-    while i < len(text):
-        if text.startswith(open_, i):
-            depth += 1
-            i += len(open_)
-        elif depth and text.startswith(close, i):
-            depth -= 1
-            i += len(close)
-        else:
-            if not depth:
-                out.append(text[i])
-            i += 1
+    while m := token.search(text, i):
+        if depth == 0:
+            out.append(text[i : m.start()])
+        if m.group() == open_:
+            depth, i = depth + 1, m.end()
+        elif depth:
+            depth, i = depth - 1, m.end()
+        else:  # a close at depth 0 is text: keep its first character, look again from the next one
+            out.append(text[m.start()])
+            i = m.start() + 1
+    if depth == 0:
+        out.append(text[i:])
     return "".join(out)
 
 

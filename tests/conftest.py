@@ -20,6 +20,12 @@ if not os.path.exists("/dev/nvidia0"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist the workers share the machine's cores: each takes its share of threads, since OpenMP threads
+# that outnumber the cores spin against each other (a 2-core machine with 2 workers: one thread each).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(scope="session")
 def quick_pair() -> tuple[str, str]:

@@ -1,6 +1,8 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipelines.corpus import split_documents, strip_wiki_markup, text_files, windows_from_token_lists
+from pipelines.corpus import _strip_nested, split_documents, strip_wiki_markup, text_files, windows_from_token_lists
 
 
 def test_strip_wiki_markup():
@@ -8,6 +10,26 @@ def test_strip_wiki_markup():
            "== History ==\n{| class=wikitable\n|a\n|}\n* item &amp;nbsp;one [[File:x.png|thumb|a [[link]]]]")
     text = strip_wiki_markup(raw)
     assert text == "Foo is a bar in Baz.\nHistory\n\nitem \xa0one"
+
+
+def strip_nested_oracle(text: str, open_: str, close: str) -> str:
+    """The definition, one character at a time: an ``open_`` starts a span (nesting), a ``close`` ends one."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith(open_, i):
+            depth, i = depth + 1, i + len(open_)
+        elif depth and text.startswith(close, i):
+            depth, i = depth - 1, i + len(close)
+        else:
+            out.append("" if depth else text[i])
+            i += 1
+    return "".join(out)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="{}|ab\n", max_size=40), st.sampled_from([("{{", "}}"), ("{|", "|}")]))
+def test_strip_nested_equals_the_character_loop(text, tokens):
+    assert _strip_nested(text, *tokens) == strip_nested_oracle(text, *tokens)
 
 
 def test_shipped_articles_are_clean_prose():
