@@ -155,10 +155,11 @@ class SpecAttnRuntime:
         if variant_models and backend == "flashinfer":
             raise ValueError(f"the models use {', '.join(sorted(variant_models))}, which FlashInfer's block-sparse "
                              "wrapper does not implement; use backend 'triton' (or 'torch')")
-        # What the H200 checked (bench/RESULTS.md, 2026-12-04): CUDA graphs equal the eager loop on Mistral, Qwen2
-        # with window layers, Gemma 2 and Gemma 3; torch.compile over the variant models is not yet verified there,
-        # so it is opt-in (compile=True). A mixture-of-experts model whose transformers cannot switch its experts
-        # to moe.py's (grouped_mm routing copies host tensors: not capturable) stays on the eager loop on CUDA.
+        # What the GPUs checked (bench/RESULTS.md, 2026-12-04 and -05): CUDA graphs equal the eager loop on Mistral,
+        # Qwen2 with window layers, Gemma 2, Gemma 3 and GPT-OSS; compiled graphs equal transformers' greedy on
+        # Gemma 3 and Mistral (single sequence), not yet verified on the others or batched, nor timed: so compile is
+        # opt-in (compile=True) for variant models. A mixture-of-experts model whose transformers cannot switch its
+        # experts to moe.py's (grouped_mm routing copies host tensors: not capturable) stays on the eager loop.
         uncapturable = sorted(uncapturable)
         if engine == "static" and on_cuda and uncapturable:
             raise ValueError(f"{', '.join(uncapturable)} cannot run on the decode engine on CUDA: this transformers "
