@@ -119,8 +119,8 @@ def text_per_window(n_tokens: int, prefix: Sequence[int]) -> int:
 
 
 def model_window(prefix: Sequence[int], ids: Sequence[int], start: int, n_tokens: int) -> list[int]:
-    """One model input of ``n_tokens`` ids: ``prefix`` (``specattn_runtime.models.special_prefix``), then the text tokens
-    ``ids[start : start + n_tokens - len(prefix)]``; raises if ``ids`` ends before the window is full.
+    """One model input of ``n_tokens`` ids: ``prefix`` (``specattn_runtime.models.special_prefix``), then the text
+    tokens ``ids[start : start + n_tokens - len(prefix)]``; raises if ``ids`` ends before the window is full.
 
     With a BOS prefix the window of a text's start is ``tokenizer(text).input_ids[:n_tokens]``: the model is
     measured in the state generation puts it in (for Gemma-style models the first token is the attention sink).
