@@ -29,11 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from specattn_runtime.fingerprint import file_sha256
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPECATTN_CACHE", "~/.cache/specattn")).expanduser()
+from specattn_runtime.fingerprint import cache_dir, file_sha256
 
 
 @dataclass(frozen=True)
