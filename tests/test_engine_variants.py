@@ -117,6 +117,27 @@ def test_batched_engine_with_every_chunk_equals_transformers_greedy(arch):
     assert [o.tokens for o in outs] == [transformers_greedy(arch, p, 16) for p in prompts]
 
 
+# one model per feature: soft-capping with head_dim 256, window layers among full ones, one KV head, sinks (+ the
+# runtime's dense experts); Mistral's window on every layer adds no path
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gemma2-softcap-d256", "qwen2-window-layers", "gemma3-1kv", "gpt_oss-sinks"])
+@torch.no_grad()
+def test_compiled_engine_equals_transformers_greedy(arch):
+    """torch.compile over the engine's forwards (inductor on the CPU; whole graphs, no breaks, as on CUDA) with the
+    variants as op arguments: transformers' greedy tokens with every chunk read, single sequence and batched."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # the process's counts so far (reset keeps them)
+    draft, target = models(arch)
+    rt = SpecAttnRuntime(artifact(1.0), draft, target, engine="static", compile=True, exact_dense_shortcut=False)
+    assert rt.compile
+    prompts = [ids(s)[0].tolist()[:n] for s, n in ((10, 70), (11, 55))]
+    want = [transformers_greedy(arch, p, 12) for p in prompts]
+    assert rt.generate(prompts[0], 12, k=3, eos_token_id=None).tokens == want[0]
+    assert [o.tokens for o in rt.generate_batch(prompts, 12, k=3, eos_token_id=None)] == want
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2 and not torch._dynamo.utils.counters["graph_break"], "the forwards were not compiled whole"
+
+
 @interpreted
 @pytest.mark.parametrize("arch", ["gemma2-softcap-d256", "gpt_oss-sinks", "mistral-window-1kv", "gemma3-1kv"])
 @torch.no_grad()
