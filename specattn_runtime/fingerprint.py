@@ -64,6 +64,7 @@ def _read_store(store: Path) -> dict:
 
 def _write_store(store: Path, data: dict) -> None:
     """Atomically (temporary file + ``os.replace``); a store that cannot be written is skipped, not an error."""
+    tmp = None
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=store.parent, prefix=f".{store.name}.", suffix=".tmp")
@@ -71,7 +72,8 @@ def _write_store(store: Path, data: dict) -> None:
             json.dump(data, f)
         os.replace(tmp, store)
     except OSError:
-        pass
+        if tmp is not None and os.path.exists(tmp):  # a full disk mid-write: leave no temporary behind
+            os.unlink(tmp)
 
 
 def remembered_file_sha256(path: str | Path) -> str:

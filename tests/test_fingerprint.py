@@ -1,5 +1,6 @@
 """Weight hashes remembered by file stat: a weight file is read once, and hashed again whenever it may have changed."""
 
+import hashlib
 import json
 import os
 import time
@@ -85,8 +86,6 @@ def test_weights_hash_is_unchanged_by_remembering(cache, tmp_path):
     for name in ("model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"):
         (d / name).write_bytes(os.urandom(2048))
     time.sleep(F.FRESH_NS / 1e9 + 0.05)
-    import hashlib
-
     h = hashlib.sha256()
     for f in sorted(d.glob("*.safetensors")):
         h.update(f.name.encode())
