@@ -212,3 +212,23 @@ def test_shipped_pair_batch_equals_each_prompt_alone(quick_pair):
     alone = eager.generate_batch(ps, 16, k=4)
     same_outputs(alone, static.generate_batch(ps, 16, k=4))
     all_pages_free(static)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_forwards_serve_every_batch_bucket_and_query_length():
+    """torch.compile'd forwards (inductor on the CPU) for a draft and a target over batch buckets 1 to 8 and
+    query lengths 1, 2 and k + 1 in one process: dynamo keeps a function's graphs on its code object and, with
+    fullgraph, fails hard past 8 of them, which one shared forward reached at the third bucket. Each shape now
+    compiles on a code object of its own; every batch gets the eager loop's tokens."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, static = pair(0.6, compile=True)
+    assert static.compile
+    for n in (1, 2, 3):  # buckets 1, 2 and 4; three shapes each (draft 2 and 1 tokens, target k + 1)
+        ps = prompts(n, lengths=(40, 23, 31)[:n])
+        want = [o.tokens for o in eager.generate_batch(ps, 6, k=3, eos_token_id=None)]
+        assert [o.tokens for o in static.generate_batch(ps, 6, k=3, eos_token_id=None)] == want, n
+    assert counters["stats"]["unique_graphs"] > 8  # more shapes than dynamo allows one code object

@@ -24,6 +24,7 @@ the layer around it). This is the pattern vLLM uses for its attention op.
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -146,12 +147,37 @@ def _(query, key, value, layer, scale, window=0, softcap=0.0, sinks=None):
     return query.new_empty(b, t, h, value.shape[-1])
 
 
+class CompiledPerShape:
+    """``torch.compile`` of ``fn(ids, positions)`` once per input shape, each on a code object of its own.
+
+    Dynamo keeps a function's compiled graphs on its code object, and with ``fullgraph=True`` it fails hard
+    (``FailOnRecompileLimitHit``) once that code object holds ``recompile_limit`` (8) of them. One shared code
+    object would hold one graph per (model, batch bucket, query length) of the whole process: a draft and a target
+    over three batch buckets already pass 8. A copy of the code per shape keeps each at one graph, without
+    touching dynamo's process-wide settings. Called only while a phase is captured (or on the eager CPU path).
+    """
+
+    def __init__(self, fn, **compile_kwargs):
+        self.fn, self.compile_kwargs, self.by_shape = fn, compile_kwargs, {}
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        key = tuple(ids.shape)
+        compiled = self.by_shape.get(key)
+        if compiled is None:
+            fn = self.fn
+            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                     fn.__closure__)
+            compiled = self.by_shape[key] = torch.compile(own, **self.compile_kwargs)
+        return compiled(ids, positions)
+
+
 def make_forward(model, compile: bool = False):
-    """``forward(ids int64 [1, Tq], positions int64 [1, Tq]) -> logits [1, Tq, V]`` through the engine's attention.
+    """``forward(ids int64 [B, Tq], positions int64 [B, Tq]) -> logits [B, Tq, V]`` through the engine's attention.
 
     With ``compile``, ``torch.compile`` (inductor, no CUDA graphs of its own: the engine captures whole phases)
     fuses the layer's small operations (norms, rotary, activations), which would otherwise be a few hundred tiny
-    kernels per forward. It compiles once per query length; the context length never enters the graph.
+    kernels per forward. It compiles once per input shape (:class:`CompiledPerShape`); the context length never
+    enters the graph.
     """
     def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, position_ids=positions, use_cache=False, specattn_engine=True).logits
@@ -163,4 +189,4 @@ def make_forward(model, compile: bool = False):
     # matrix-vector products at ~40% of copy bandwidth, ~55% of the draft phase (bench/RESULTS.md). The option is
     # this compile's own: other torch.compile calls in the process keep their settings. It costs compile time.
     options = {"coordinate_descent_tuning": True} if next(model.parameters()).is_cuda else None
-    return torch.compile(forward, fullgraph=True, dynamic=False, options=options)
+    return CompiledPerShape(forward, fullgraph=True, dynamic=False, options=options)
