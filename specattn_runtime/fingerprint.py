@@ -72,8 +72,8 @@ def _write_store(store: Path, data: dict) -> None:
             json.dump(data, f)
         os.replace(tmp, store)
     except OSError:
-        if tmp is not None and os.path.exists(tmp):  # a full disk mid-write: leave no temporary behind
-            os.unlink(tmp)
+        if tmp is not None:  # a full disk mid-write: leave no temporary behind
+            Path(tmp).unlink(missing_ok=True)
 
 
 def remembered_file_sha256(path: str | Path) -> str:

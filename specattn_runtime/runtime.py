@@ -159,8 +159,9 @@ class SpecAttnRuntime:
         # Qwen2 with window layers, Gemma 2, Gemma 3 and GPT-OSS; compiled graphs equal transformers' greedy on
         # Gemma 3 (single sequence; Mistral before window-sized caches), not yet on the others or batched on CUDA
         # (on the CPU all of them, tests/test_engine_variants.py; the earlier CUDA failures match dynamo's recompile
-        # limit, fixed in engine/forward.py), and are not timed: so compile is opt-in (compile=True) for them. A mixture-of-experts model whose transformers cannot switch its
-        # experts to moe.py's (grouped_mm routing copies host tensors: not capturable) stays on the eager loop.
+        # limit, fixed in engine/forward.py), and are not timed: so compile is opt-in (compile=True) for them.
+        # A mixture-of-experts model whose transformers cannot switch its experts to moe.py's (grouped_mm routing
+        # copies host tensors: not capturable) stays on the eager loop.
         uncapturable = sorted(uncapturable)
         if engine == "static" and on_cuda and uncapturable:
             raise ValueError(f"{', '.join(uncapturable)} cannot run on the decode engine on CUDA: this transformers "
